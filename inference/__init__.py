@@ -1,0 +1,1 @@
+"""Entry points: ``python -m inference.svi`` (one run) and, later, ``inference.compare``."""

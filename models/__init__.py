@@ -1,0 +1,1 @@
+"""Model files: one generative model per file, runnable with python -m inference.svi."""

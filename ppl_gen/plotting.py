@@ -1,0 +1,90 @@
+"""Plots a person would rather look at than read. Every function writes one PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(y) < window:
+        return y
+    kernel = np.ones(window) / window
+    head = np.cumsum(y[: window - 1]) / np.arange(1, window)
+    return np.concatenate([head, np.convolve(y, kernel, mode="valid")])
+
+
+def elbo_curve(trace: list[dict], path: Path, title: str = "") -> Path:
+    """Training ELBO per data point against step (raw and smoothed), held-out ELBO as dots."""
+    steps = np.array([int(r["step"]) for r in trace])
+    elbo = -np.array([float(r["loss"]) for r in trace])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if len(steps):
+        ax.plot(steps, elbo, color="tab:blue", alpha=0.25, lw=0.8, label="train ELBO (batch estimate)")
+        ax.plot(steps, _smooth(elbo, max(len(elbo) // 50, 1)), color="tab:blue", lw=1.6, label="smoothed")
+        test = [(int(r["step"]), float(r["test_elbo"])) for r in trace if r.get("test_elbo") not in (None, "")]
+        if test:
+            ts, tv = zip(*test)
+            ax.plot(ts, tv, "o-", color="tab:orange", ms=4, label="held-out ELBO")
+        lo = np.percentile(elbo[len(elbo) // 10:], 1) if len(elbo) > 20 else elbo.min()
+        ax.set_ylim(bottom=lo - 0.1 * (elbo.max() - lo + 1e-9))
+    ax.set_xlabel("step")
+    ax.set_ylabel("ELBO per data point (nats)")
+    ax.set_title(title or "ELBO during training")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: torch.Tensor, shape: list[int], path: Path, title: str = "",
+               nrow: int | None = None, row_labels: list[str] | None = None) -> Path:
+    """Tile flat images (n, H*W) with values in [0, 1] into one grayscale PNG."""
+    imgs = images.detach().float().cpu().reshape(-1, *shape).numpy()
+    n = len(imgs)
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    h, w = shape
+    canvas = np.ones((nrow * (h + 1) + 1, ncol * (w + 1) + 1))
+    for k, img in enumerate(imgs):
+        r, c = divmod(k, ncol)
+        canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = img
+    fig, ax = plt.subplots(figsize=(min(1.0 + 0.5 * ncol * max(w / 8, 1) / 2, 12), min(1.0 + 0.5 * nrow * max(h / 8, 1) / 2, 12)))
+    ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    if row_labels:
+        ax.set_yticks([1 + r * (h + 1) + h / 2 for r in range(len(row_labels))], row_labels)
+    else:
+        ax.set_yticks([])
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scatter_2d(points: torch.Tensor, labels: torch.Tensor | None, path: Path, title: str = "",
+               xlabel: str = "z1", ylabel: str = "z2") -> Path:
+    pts = points.detach().float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 5.0))
+    if labels is not None:
+        sc = ax.scatter(pts[:, 0], pts[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=6, alpha=0.8)
+        fig.colorbar(sc, ax=ax, label="label")
+    else:
+        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

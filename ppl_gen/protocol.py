@@ -1,0 +1,199 @@
+"""The model-file protocol: how ``inference/`` reads a model file.
+
+A model file is a plain Python file. The minimal one defines
+
+* ``model(x)`` and ``guide(x)``: a Pyro model and its variational guide;
+* ``data()``: the observations, as a tensor or a ``(train, test)`` pair.
+
+A richer file may add, all optional:
+
+* ``guides = {"name": fn, ...}``: several named guides (``--guide NAME``);
+* ``Options``: a dataclass whose fields become flags (``latent_dim`` -> ``--latent-dim``),
+  with the help text in ``field(metadata={"help": ...})``;
+* ``data(spec=None, options=None)``: resolves ``--data SPEC``; may return a ``ppl_gen.Dataset``;
+* ``build(options, dataset) -> ppl_gen.Spec``: for models whose networks depend on
+  the options or the data; the Spec carries model, guides, evaluation and plots;
+* ``DEFAULTS = {"steps": ..., "lr": ..., "batch_size": ...}``: runner defaults for this model.
+
+Minibatching: a model and guide that take ``(x, idx=None, size=None)`` are trained on
+minibatches: ``x`` holds the batch rows, ``idx`` their row numbers in the full set and
+``size`` the number of rows of the full set; ``ppl_gen.data_plate(x, idx, size)`` opens
+the matching ``pyro.plate`` so Pyro scales the likelihood by ``size / len(idx)``.
+Functions that take only ``x`` always get the whole data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import pyro
+import torch
+
+from .data import Dataset, as_dataset
+from .errors import UserError
+
+
+@dataclass
+class Spec:
+    """Everything the runner needs from a model file, once built.
+
+    ``evaluate(run) -> dict`` adds model-specific metrics; ``plots(run, out_dir)``
+    writes model-specific PNGs. ``run`` is the :class:`~ppl_gen.train.FittedRun`.
+    """
+
+    model: Callable
+    guides: dict[str, Callable]
+    default_guide: str | None = None
+    evaluate: Callable[[Any], dict] | None = None
+    plots: Callable[[Any, Path], list] | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.guides:
+            raise UserError("the model file declares no guide; define guide(x) or guides = {...}")
+        if self.default_guide is None:
+            self.default_guide = next(iter(self.guides))
+
+    def guide(self, name: str | None) -> Callable:
+        name = name or self.default_guide
+        if name not in self.guides:
+            raise UserError(f"unknown guide {name!r}; this model file has: {', '.join(self.guides)}")
+        return self.guides[name]
+
+
+@dataclass
+class ModelFile:
+    """A loaded model file: its module, name and option dataclass."""
+
+    path: Path
+    module: ModuleType
+    name: str
+    options_cls: type | None = None
+    defaults: dict = field(default_factory=dict)
+
+    # -- options -------------------------------------------------------------
+    def option_fields(self) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(self.options_cls)) if self.options_cls else []
+
+    def add_option_flags(self, parser: argparse.ArgumentParser) -> None:
+        """Each field of ``Options`` becomes a real flag, shown in ``--help``."""
+        if not self.options_cls:
+            return
+        group = parser.add_argument_group(f"options of {self.path.name}")
+        for f in self.option_fields():
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            helptext = f.metadata.get("help", "") + f" (default: {default})"
+            kind = f.type if isinstance(f.type, type) else type(default)
+            if kind is bool:
+                group.add_argument(flag, dest=f"opt_{f.name}", action=argparse.BooleanOptionalAction,
+                                   default=None, help=helptext)
+            else:
+                group.add_argument(flag, dest=f"opt_{f.name}", type=kind, default=None,
+                                   choices=f.metadata.get("choices"), help=helptext)
+
+    def options(self, values: dict[str, Any] | None = None):
+        """Build the ``Options`` instance from flag values (None = default)."""
+        if not self.options_cls:
+            return None
+        given = {k: v for k, v in (values or {}).items() if v is not None}
+        unknown = set(given) - {f.name for f in self.option_fields()}
+        if unknown:
+            raise UserError(f"{self.path.name} has no option {', '.join(sorted(unknown))}")
+        opts = self.options_cls(**given)
+        check = getattr(opts, "validate", None)
+        if check:
+            check()
+        return opts
+
+    # -- data and spec ---------------------------------------------------------
+    def data(self, spec: str | None, options) -> Dataset:
+        fn = getattr(self.module, "data", None)
+        if fn is None:
+            raise UserError(f"{self.path} defines no data(); add a function that returns (train, test)")
+        kwargs = _accepted(fn, spec=spec, options=options)
+        if spec is not None and "spec" not in kwargs:
+            raise UserError(f"{self.path.name}'s data() takes no spec, so --data cannot be used with it")
+        return as_dataset(fn(**kwargs))
+
+    def build(self, options, dataset: Dataset) -> Spec:
+        mod = self.module
+        if hasattr(mod, "build"):
+            spec = mod.build(**_accepted(mod.build, options=options, dataset=dataset))
+            if not isinstance(spec, Spec):
+                raise UserError(f"{self.path.name}: build() must return a ppl_gen.Spec")
+            return spec
+        guides = dict(getattr(mod, "guides", None) or {})
+        if not guides and callable(getattr(mod, "guide", None)):
+            guides = {"guide": mod.guide}
+        return Spec(model=mod.model, guides=guides,
+                    evaluate=getattr(mod, "evaluate", None), plots=getattr(mod, "plots", None),
+                    description=(mod.__doc__ or "").strip().split("\n")[0])
+
+
+def _accepted(fn: Callable, **kwargs) -> dict:
+    """The subset of kwargs that fn's signature accepts."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def takes_minibatches(fn: Callable) -> bool:
+    """A model or guide that accepts ``idx`` can be trained on minibatches."""
+    try:
+        return "idx" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def load_model_file(path: str | Path) -> ModelFile:
+    """Import a model file by path; errors name the problem and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist; give the path of a .py file "
+                        "such as models/vae.py")
+    if path.suffix != ".py":
+        raise UserError(f"model file {path} is not a .py file")
+    name = path.stem
+    mod_name = f"ppl_gen_modelfile_{name}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module  # dataclasses look their module up here
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except ImportError as e:
+        raise UserError(f"{path} failed to import {e.name or e}: install it or fix the import") from None
+    if not callable(getattr(module, "model", None)) and not hasattr(module, "build"):
+        raise UserError(f"{path} defines no model(); a model file needs model, guide and data()")
+    if (not callable(getattr(module, "guide", None)) and not getattr(module, "guides", None)
+            and not hasattr(module, "build")):
+        raise UserError(f"{path} defines no guide(); a model file needs model, guide and data()")
+    options_cls = getattr(module, "Options", None)
+    if options_cls is not None and not dataclasses.is_dataclass(options_cls):
+        raise UserError(f"{path}: Options must be a dataclass")
+    return ModelFile(path=path.resolve(), module=module, name=name, options_cls=options_cls,
+                     defaults=dict(getattr(module, "DEFAULTS", {}) or {}))
+
+
+def data_plate(x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None,
+               name: str = "data", dim: int | None = None) -> pyro.plate:
+    """The plate over data points, minibatch-aware.
+
+    With ``idx`` (the batch's row numbers) and ``size`` (rows in the full set), Pyro
+    scales each log-density in the plate by ``size / len(idx)``: an unbiased estimate
+    of the full-data ELBO from a minibatch (Hoffman et al. 2013, stochastic VI).
+    """
+    if idx is None:
+        return pyro.plate(name, x.shape[0], dim=dim)
+    return pyro.plate(name, size if size is not None else x.shape[0], subsample=idx, dim=dim)

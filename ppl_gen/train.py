@@ -1,0 +1,219 @@
+"""SVI on a model file: the ELBO estimators, the training step, the ELBO evaluator.
+
+The training step computes Pyro's ELBO as a differentiable loss and steps a plain
+``torch.optim.Adam`` over the parameter store. This is the same objective and the
+same gradients as ``pyro.infer.SVI`` with ``pyro.optim.Adam``; it skips Pyro's
+per-parameter optimizer bookkeeping, which is where much of Pyro's per-step overhead
+lives for small networks (see ``python -m ppl_gen.bench vae``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyro
+import pyro.infer
+import torch
+
+from .data import Dataset
+from .errors import TrainingDiverged, UserError
+from .protocol import Spec, takes_minibatches
+
+# The lecture's ELBO, E_q[log p(x, z)] - E_q[log q(z)], estimated four ways:
+ELBOS = {
+    # Monte Carlo over every term (reparameterized where q allows it)
+    "trace": (pyro.infer.Trace_ELBO, pyro.infer.JitTrace_ELBO),
+    # KL(q || p) in closed form where Pyro knows it (Normal/Normal, ...): lower variance
+    "meanfield": (pyro.infer.TraceMeanField_ELBO, pyro.infer.JitTraceMeanField_ELBO),
+    # score-function terms with Rao-Blackwellized dependency tracking, for discrete latents
+    "tracegraph": (pyro.infer.TraceGraph_ELBO, pyro.infer.JitTraceGraph_ELBO),
+    # discrete latents marked for enumeration are summed out exactly
+    "enum": (pyro.infer.TraceEnum_ELBO, pyro.infer.JitTraceEnum_ELBO),
+}
+
+
+def make_elbo(name: str, jit: bool = False, num_particles: int = 1, **kwargs) -> pyro.infer.ELBO:
+    if name not in ELBOS:
+        raise UserError(f"unknown --elbo {name!r}; choose one of {', '.join(ELBOS)}")
+    cls = ELBOS[name][1 if jit else 0]
+    if jit:
+        kwargs.setdefault("ignore_jit_warnings", True)
+    return cls(num_particles=num_particles, **kwargs)
+
+
+def call_args(fn: Callable, x: torch.Tensor, idx: torch.Tensor | None, size: int):
+    """Positional tensors (so a JIT trace sees them) and the constant ``size`` as keyword."""
+    if idx is None or not takes_minibatches(fn):
+        return (x,), {}
+    return (x[idx], idx), {"size": size}
+
+
+class BatchSchedule:
+    """Which rows step t uses: a fixed function of (seed, t), so a resumed run draws
+    exactly the batches the uninterrupted run would have drawn."""
+
+    def __init__(self, n: int, batch_size: int | None, seed: int, device: torch.device):
+        self.n, self.seed, self.device = n, seed, device
+        self.full = batch_size is None or batch_size >= n
+        self.batch_size = n if self.full else batch_size
+        self.per_epoch = max(n // self.batch_size, 1)  # the ragged tail is dropped: equal batch shapes
+        self._epoch, self._perm = None, None
+
+    def __call__(self, t: int) -> torch.Tensor | None:
+        if self.full:
+            return None
+        epoch, pos = divmod(t - 1, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g).to(self.device), epoch
+        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+
+class Trainer:
+    """One SVI optimization: model, guide, ELBO, Adam, and the batch schedule."""
+
+    def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, elbo: pyro.infer.ELBO,
+                 lr: float, batch_size: int | None = None, seed: int = 0, validate: bool = False):
+        self.model, self.guide, self.x, self.elbo, self.lr = model, guide, x, elbo, lr
+        self.n = x.shape[0]
+        if batch_size is not None and batch_size < self.n and not (
+                takes_minibatches(model) and takes_minibatches(guide)):
+            raise UserError(f"--batch-size {batch_size} needs a model and guide that take "
+                            "(x, idx=None, size=None); this file's take only x: drop --batch-size")
+        self.schedule = BatchSchedule(self.n, batch_size, seed, x.device)
+        self.validate = validate
+        self.optim: torch.optim.Optimizer | None = None
+        self._names: list[str] = []
+
+    # Parameters live in Pyro's store (pyro.param, pyro.module); Adam sees their
+    # unconstrained leaves, in a fixed (sorted) order so optimizer state round-trips.
+    def _sync_optimizer(self) -> None:
+        store = pyro.get_param_store()
+        if self.optim is not None and len(store) == len(self._names):
+            return
+        named = dict(store.named_parameters())
+        new = sorted(set(named) - set(self._names))
+        if self.optim is None:
+            self.optim = torch.optim.Adam([named[k] for k in new], lr=self.lr)
+        elif new:
+            self.optim.add_param_group({"params": [named[k] for k in new]})
+        self._names += new
+
+    def loss(self, t: int) -> torch.Tensor:
+        idx = self.schedule(t)
+        args, kwargs = call_args(self.model, self.x, idx, self.n)
+        return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
+
+    def init_params(self) -> None:
+        """Create every parameter (as the first step would) without taking a step."""
+        with torch.no_grad(), pyro.validation_enabled(True):
+            self.loss(1)
+        self._sync_optimizer()
+
+    def step(self, t: int) -> float:
+        """One gradient step; returns -ELBO per data point (the batch's estimate)."""
+        # Pyro's argument and support checks catch most mistakes in a model file on the
+        # first step; afterwards they cost ~30% of a small VAE's step, so they go off.
+        with pyro.validation_enabled(self.validate or self.optim is None):
+            loss = self.loss(t)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the loss became {value} at step {t}")
+        self._sync_optimizer()
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optim.step()
+        return value / self.n
+
+    # -- checkpoint state --------------------------------------------------------
+    def state_dict(self, step: int) -> dict:
+        store = pyro.get_param_store()
+        state = {
+            "step": step,
+            "params": {k: v.detach().clone() for k, v in store.named_parameters()},
+            "optimizer": self.optim.state_dict() if self.optim else {},
+            "optimizer_param_names": list(self._names),
+            "rng_torch": torch.get_rng_state(),
+        }
+        if self.x.is_cuda:
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.x.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> int:
+        self.init_params()
+        named = dict(pyro.get_param_store().named_parameters())
+        missing = set(state["params"]) - set(named)
+        if missing:
+            raise UserError(f"the checkpoint has parameters this model does not create "
+                            f"({', '.join(sorted(missing)[:3])}...); resume with the same model options")
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                if named[k].shape != v.shape:
+                    raise UserError(f"checkpoint parameter {k} has shape {tuple(v.shape)}, the model "
+                                    f"makes {tuple(named[k].shape)}; resume with the same model options")
+                named[k].copy_(v.to(named[k].device))
+        if state.get("optimizer"):
+            self._names = []
+            self.optim = None
+            store_named = dict(pyro.get_param_store().named_parameters())
+            self.optim = torch.optim.Adam([store_named[k] for k in state["optimizer_param_names"]], lr=self.lr)
+            self._names = list(state["optimizer_param_names"])
+            self.optim.load_state_dict(state["optimizer"])
+            for group in self.optim.param_groups:  # a resumed run may change --lr
+                group["lr"] = self.lr
+        torch.set_rng_state(state["rng_torch"].cpu())
+        if "rng_cuda" in state and self.x.is_cuda:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.x.device)
+        return int(state["step"])
+
+
+def evaluate_elbo(model: Callable, guide: Callable, x: torch.Tensor | None, elbo_name: str = "trace",
+                  num_particles: int = 10, chunk_size: int = 2048, seed: int = 0) -> float | None:
+    """ELBO per data point (nats) of the whole set ``x``, in chunks.
+
+    Each chunk's estimate, with the plate scaled by N / n_c, is unbiased for the full
+    ELBO; averaging them with weights n_c / N counts global terms (KL of global
+    latents) once and every local term once. Runs under its own seed and leaves the
+    caller's random state untouched, so evaluating never changes training.
+    """
+    if x is None or x.shape[0] == 0:
+        return None
+    n = x.shape[0]
+    elbo = make_elbo(elbo_name, num_particles=num_particles)
+    devices = [x.device] if x.is_cuda else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        pyro.set_rng_seed(seed)
+        if not (takes_minibatches(model) and takes_minibatches(guide)) or n <= chunk_size:
+            args, kwargs = call_args(model, x, None, n)
+            return -elbo.loss(model, guide, *args, **kwargs) / n
+        total = 0.0
+        for start in range(0, n, chunk_size):
+            idx = torch.arange(start, min(start + chunk_size, n), device=x.device)
+            args, kwargs = call_args(model, x, idx, n)
+            total += -elbo.loss(model, guide, *args, **kwargs) * len(idx) / n
+        return total / n
+
+
+@dataclass
+class FittedRun:
+    """What a model file's ``evaluate`` and ``plots`` hooks receive after training."""
+
+    spec: Spec
+    guide_name: str
+    dataset: Dataset
+    options: Any
+    device: torch.device
+    config: dict
+    out: Path
+    trace: list[dict] = field(default_factory=list)
+
+    @property
+    def model(self) -> Callable:
+        return self.spec.model
+
+    @property
+    def guide(self) -> Callable:
+        return self.spec.guides[self.guide_name]
