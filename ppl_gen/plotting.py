@@ -53,11 +53,13 @@ def image_grid(images: torch.Tensor, shape: list[int], path: Path, title: str = 
     nrow = nrow or int(np.ceil(np.sqrt(n)))
     ncol = int(np.ceil(n / nrow))
     h, w = shape
-    canvas = np.ones((nrow * (h + 1) + 1, ncol * (w + 1) + 1))
+    canvas = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1), 0.15)  # light grey gutters
     for k, img in enumerate(imgs):
         r, c = divmod(k, ncol)
         canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = img
-    fig, ax = plt.subplots(figsize=(min(1.0 + 0.5 * ncol * max(w / 8, 1) / 2, 12), min(1.0 + 0.5 * nrow * max(h / 8, 1) / 2, 12)))
+    # pixels become inches at a rate that keeps 8x8 digits legible and 28x28 grids on a page
+    inch = min(1 / 12, 9 / canvas.shape[1], 9 / canvas.shape[0])
+    fig, ax = plt.subplots(figsize=(max(canvas.shape[1] * inch + 1.2, 5.0), canvas.shape[0] * inch + 0.8))
     ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     if row_labels:
