@@ -1,0 +1,43 @@
+"""Shared fixtures: one seed, a clear parameter store and Pyro's checks on, for every test."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def fresh_pyro():
+    """No test sees another's parameters or random state."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(SEED)
+    with pyro.validation_enabled(True):
+        yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """Every device the machine has; CUDA cases skip without a GPU."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    return torch.device(request.param)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` in a subprocess from the repository root, as a user would."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
