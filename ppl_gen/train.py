@@ -102,15 +102,18 @@ class Trainer:
             self.optim.add_param_group({"params": [named[k] for k in new]})
         self._names += new
 
+    def _args(self, t: int):
+        return call_args(self.model, self.x, self.schedule(t), self.n)
+
     def loss(self, t: int) -> torch.Tensor:
-        idx = self.schedule(t)
-        args, kwargs = call_args(self.model, self.x, idx, self.n)
+        args, kwargs = self._args(t)
         return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
 
     def init_params(self) -> None:
         """Create every parameter (as the first step would) without taking a step."""
+        args, kwargs = self._args(1)
         with torch.no_grad(), pyro.validation_enabled(True):
-            self.loss(1)
+            self.elbo.loss(self.model, self.guide, *args, **kwargs)
         self._sync_optimizer()
 
     def step(self, t: int) -> float:
@@ -118,13 +121,19 @@ class Trainer:
         # Pyro's argument and support checks catch most mistakes in a model file on the
         # first step; afterwards they cost ~30% of a small VAE's step, so they go off.
         with pyro.validation_enabled(self.validate or self.optim is None):
-            loss = self.loss(t)
-        value = loss.item()
+            if self.optim is not None:
+                self.optim.zero_grad(set_to_none=True)
+            if hasattr(self.elbo, "differentiable_loss"):
+                loss = self.loss(t)
+                value = loss.item()
+                if math.isfinite(value):
+                    loss.backward()
+            else:  # TraceGraph_ELBO builds a surrogate loss and differentiates it itself
+                args, kwargs = self._args(t)
+                value = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
         if not math.isfinite(value):
             raise TrainingDiverged(f"the loss became {value} at step {t}")
         self._sync_optimizer()
-        self.optim.zero_grad(set_to_none=True)
-        loss.backward()
         self.optim.step()
         return value / self.n
 
