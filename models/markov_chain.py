@@ -60,6 +60,9 @@ class Options:
 
 
 DEFAULTS = {"elbo": "meanfield", "steps": 1000, "lr": 0.05}
+# theta in float64: with alpha = 0.1 a float32 Gamma draw underflows to 0 with probability
+# ~(1e-38)^0.1 = 1e-4 per entry, which gives log 0 and NaN gradients; in float64, ~1e-31.
+REAL = torch.float64
 
 
 # ---------------------------------------------------------------- contexts
@@ -151,20 +154,22 @@ class MarkovChain:
     def counts(self, x: torch.Tensor) -> torch.Tensor:
         """N[c, v]: how often symbol v follows context c in x (the sufficient statistics)."""
         m = x >= 0
-        N = torch.zeros(self.R, self.V, device=x.device)
+        N = torch.zeros(self.R, self.V, device=x.device, dtype=REAL)
         return N.index_put_((self.ctx.row_of(x)[m], x[m]), torch.ones_like(x[m], dtype=N.dtype), accumulate=True)
 
     def model(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
         with pyro.plate("contexts", self.R):
-            theta = pyro.sample("theta", dist.Dirichlet(x.new_full((self.R, self.V), self.alpha, dtype=torch.float)))
+            theta = pyro.sample("theta", dist.Dirichlet(x.new_full((self.R, self.V), self.alpha, dtype=REAL)))
         m = x >= 0
-        log_p = theta.log()[self.ctx.row_of(x), x.clamp(min=0)]               # log theta_{c_t}[x_t]
+        # a draw can underflow to exactly 0 (P ~ tiny^alpha per entry); floor it
+        log_theta = theta.clamp(min=torch.finfo(theta.dtype).tiny).log()
+        log_p = log_theta[..., self.ctx.row_of(x), x.clamp(min=0)]            # log theta_{c_t}[x_t]
         with data_plate(x, idx, size):
             pyro.factor("x", torch.where(m, log_p, torch.zeros_like(log_p)).sum(-1))
 
     def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
         """q(theta_c) = Dirichlet(lambda_c), one free concentration vector per context."""
-        lam = pyro.param("lambda", lambda: x.new_full((self.R, self.V), self.alpha, dtype=torch.float),
+        lam = pyro.param("lambda", lambda: x.new_full((self.R, self.V), self.alpha, dtype=REAL),
                          constraint=constraints.positive)
         with pyro.plate("contexts", self.R):
             pyro.sample("theta", dist.Dirichlet(lam))
