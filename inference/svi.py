@@ -39,6 +39,7 @@ RUNNER_DEFAULTS: dict[str, Any] = {
     "num_particles": 1,
     "eval_particles": 10,
     "validate": False,
+    "threads": None,        # None: torch's default for this machine
 }
 # What a resumed run must keep, or it would not continue the same optimization.
 LOCKED_ON_RESUME = ("model_file", "guide", "elbo", "jit", "batch_size", "seed", "data",
@@ -65,6 +66,7 @@ class RunConfig:
     num_particles: int = 1
     eval_particles: int = 10
     validate: bool = False
+    threads: int | None = None
     progress: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -117,6 +119,9 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
                    help="ELBO samples per data point for the reported ELBOs (default: 10)")
     g.add_argument("--validate", action="store_true", default=None,
                    help="keep Pyro's distribution checks on after the first step (slower)")
+    g.add_argument("--threads", type=_positive(int),
+                   help="CPU threads for torch (default: torch's choice); 1 is often fastest for "
+                        "small models, and on a machine shared with other jobs")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bar")
 
@@ -199,17 +204,19 @@ def run(cfg: RunConfig, model_file=None):
     if cfg.backend != "pyro":
         raise UserError(f"{mf.path.name} declares no NumPyro twin yet; use --backend pyro")
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     options = mf.options(cfg.options)
     dataset = mf.data(cfg.data, options).to(device)
 
     pyro.clear_param_store()  # no parameters leak in from an earlier run in this process
     seed_everything(cfg.seed)
-    spec = mf.build(options, dataset)
+    spec = mf.build(options, dataset, elbo=cfg.elbo)
     guide_name = cfg.guide or spec.default_guide
     guide = spec.guide(guide_name)
     elbo = make_elbo(cfg.elbo, jit=cfg.jit, num_particles=cfg.num_particles)
     trainer = Trainer(spec.model, guide, dataset.train, elbo, lr=cfg.lr, batch_size=cfg.batch_size,
-                      seed=cfg.seed, validate=cfg.validate)
+                      seed=cfg.seed, validate=cfg.validate, local_params=spec.local_params)
 
     folder = RunFolder(cfg.out or default_out_dir(mf.name)).create()
     start, seconds0 = 0, 0.0
@@ -240,8 +247,14 @@ def run(cfg: RunConfig, model_file=None):
     folder.write_json("config.json", config)
 
     eval_every = cfg.eval_every or max(cfg.steps // 10, 1)
-    evaluate = lambda: evaluate_elbo(spec.model, guide, dataset.test, cfg.elbo,  # noqa: E731
-                                     cfg.eval_particles, seed=cfg.seed)
+
+    def evaluate():
+        """Held-out ELBO per point; guides that cannot see new data get their held-out form."""
+        if dataset.test is None:
+            return None
+        test_guide = spec.heldout_guide(guide_name, dataset.test) if spec.heldout_guide else guide
+        return evaluate_elbo(spec.model, test_guide, dataset.test, cfg.elbo, cfg.eval_particles, seed=cfg.seed)
+
     rows, last_ckpt, t = [], (start if cfg.resume else None), start
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{mf.name}/{guide_name}", disable=not cfg.progress,
                dynamic_ncols=True, mininterval=0.25)
@@ -302,15 +315,21 @@ def run(cfg: RunConfig, model_file=None):
     return fitted, metrics
 
 
+SUMMARY_SKIP = {"model", "guide", "elbo", "jit", "steps", "seconds", "seconds_per_step", "device", "seed",
+                "train_elbo", "test_elbo", "elbo_units", "eval_particles"}
+
+
 def summary(metrics: dict, out: Path) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines = [f"{metrics['model']} / guide {metrics['guide']} / elbo {metrics['elbo']} / "
              f"{metrics['steps']} steps in {metrics['seconds']:.1f} s on {metrics['device']}",
              f"  train ELBO {fmt(metrics['train_elbo'])}   held-out ELBO {fmt(metrics['test_elbo'])}"
              "   (nats per data point)"]
-    if "test_log_likelihood" in metrics:
-        lines.append(f"  held-out log-likelihood {fmt(metrics['test_log_likelihood'])} "
-                     f"(importance sampling, K={metrics.get('log_likelihood_samples')})")
+    # the model's own headline numbers: every scalar it reported
+    extra = [(k, v) for k, v in metrics.items()
+             if k not in SUMMARY_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for k, v in extra[:12]:
+        lines.append(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
     lines.append(f"  run folder: {out}")
     return "\n".join(lines)
 

@@ -11,8 +11,9 @@ A richer file may add, all optional:
 * ``Options``: a dataclass whose fields become flags (``latent_dim`` -> ``--latent-dim``),
   with the help text in ``field(metadata={"help": ...})``;
 * ``data(spec=None, options=None)``: resolves ``--data SPEC``; may return a ``ppl_gen.Dataset``;
-* ``build(options, dataset) -> ppl_gen.Spec``: for models whose networks depend on
-  the options or the data; the Spec carries model, guides, evaluation and plots;
+* ``build(options, dataset[, elbo]) -> ppl_gen.Spec``: for models whose networks depend
+  on the options or the data; the Spec carries model, guides, evaluation and plots
+  (``elbo``, the ``--elbo`` name, is passed when build accepts it);
 * ``DEFAULTS = {"steps": ..., "lr": ..., "batch_size": ...}``: runner defaults for this model.
 
 Minibatching: a model and guide that take ``(x, idx=None, size=None)`` are trained on
@@ -47,6 +48,12 @@ class Spec:
 
     ``evaluate(run) -> dict`` adds model-specific metrics; ``plots(run, out_dir)``
     writes model-specific PNGs. ``run`` is the :class:`~ppl_gen.train.FittedRun`.
+
+    ``local_params`` names the per-data-point parameters (one row per training example,
+    as in an explicit guide): a minibatch step updates only its own rows of them.
+    ``heldout_guide(guide_name, x) -> guide`` returns the guide to score new data ``x``
+    with, for guides that cannot be applied to data they were not fitted on (an explicit
+    guide fits fresh local parameters there); by default the guide itself is used.
     """
 
     model: Callable
@@ -55,6 +62,8 @@ class Spec:
     evaluate: Callable[[Any], dict] | None = None
     plots: Callable[[Any, Path], list] | None = None
     description: str = ""
+    local_params: tuple[str, ...] = ()
+    heldout_guide: Callable[[str, torch.Tensor], Callable] | None = None
 
     def __post_init__(self):
         if not self.guides:
@@ -124,10 +133,10 @@ class ModelFile:
             raise UserError(f"{self.path.name}'s data() takes no spec, so --data cannot be used with it")
         return as_dataset(fn(**kwargs))
 
-    def build(self, options, dataset: Dataset) -> Spec:
+    def build(self, options, dataset: Dataset, elbo: str | None = None) -> Spec:
         mod = self.module
         if hasattr(mod, "build"):
-            spec = mod.build(**_accepted(mod.build, options=options, dataset=dataset))
+            spec = mod.build(**_accepted(mod.build, options=options, dataset=dataset, elbo=elbo))
             if not isinstance(spec, Spec):
                 raise UserError(f"{self.path.name}: build() must return a ppl_gen.Spec")
             return spec

@@ -20,6 +20,7 @@ import torch
 
 from .data import Dataset
 from .errors import TrainingDiverged, UserError
+from .optim import RowwiseAdam
 from .protocol import Spec, takes_minibatches
 
 # The lecture's ELBO, E_q[log p(x, z)] - E_q[log q(z)], estimated four ways:
@@ -72,11 +73,63 @@ class BatchSchedule:
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
+class Optimizers:
+    """Adam for global parameters; RowwiseAdam for per-data-point (local) parameters, so a
+    minibatch step changes only its own rows of them. Parameters join in groups as Pyro
+    creates them; the group structure (by parameter name) is saved with the state."""
+
+    def __init__(self, lr: float, local_names=()):
+        self.lr, self.local_names = lr, set(local_names)
+        self.parts: dict[str, torch.optim.Optimizer] = {}
+        self.groups: dict[str, list[list[str]]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(g) for groups in self.groups.values() for g in groups)
+
+    def known(self) -> set[str]:
+        return {k for groups in self.groups.values() for g in groups for k in g}
+
+    def add(self, names: list[str], named: dict[str, torch.Tensor]) -> None:
+        for kind in ("global", "local"):
+            group = [k for k in names if (k in self.local_names) == (kind == "local")]
+            if not group:
+                continue
+            params = [named[k] for k in group]
+            if kind not in self.parts:
+                cls = RowwiseAdam if kind == "local" else torch.optim.Adam
+                self.parts[kind] = cls(params, lr=self.lr)
+            else:
+                self.parts[kind].add_param_group({"params": params})
+            self.groups.setdefault(kind, []).append(group)
+
+    def zero_grad(self) -> None:
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.parts.values():
+            opt.step()
+
+    def state_dict(self) -> dict:
+        return {"groups": self.groups, "states": {k: opt.state_dict() for k, opt in self.parts.items()}}
+
+    def load_state_dict(self, state: dict, named: dict[str, torch.Tensor]) -> None:
+        self.parts, self.groups = {}, {}
+        for kind, groups in state["groups"].items():
+            for group in groups:
+                self.add(group, named)
+        for kind, opt in self.parts.items():
+            opt.load_state_dict(state["states"][kind])
+            for group in opt.param_groups:  # a resumed run may change --lr
+                group["lr"] = self.lr
+
+
 class Trainer:
     """One SVI optimization: model, guide, ELBO, Adam, and the batch schedule."""
 
     def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, elbo: pyro.infer.ELBO,
-                 lr: float, batch_size: int | None = None, seed: int = 0, validate: bool = False):
+                 lr: float, batch_size: int | None = None, seed: int = 0, validate: bool = False,
+                 local_params=()):
         self.model, self.guide, self.x, self.elbo, self.lr = model, guide, x, elbo, lr
         self.n = x.shape[0]
         if batch_size is not None and batch_size < self.n and not (
@@ -85,22 +138,21 @@ class Trainer:
                             "(x, idx=None, size=None); this file's take only x: drop --batch-size")
         self.schedule = BatchSchedule(self.n, batch_size, seed, x.device)
         self.validate = validate
-        self.optim: torch.optim.Optimizer | None = None
-        self._names: list[str] = []
+        self.local_params = tuple(local_params)
+        self.optim: Optimizers | None = None
 
     # Parameters live in Pyro's store (pyro.param, pyro.module); Adam sees their
     # unconstrained leaves, in a fixed (sorted) order so optimizer state round-trips.
     def _sync_optimizer(self) -> None:
         store = pyro.get_param_store()
-        if self.optim is not None and len(store) == len(self._names):
+        if self.optim is not None and len(store) == len(self.optim):
             return
         named = dict(store.named_parameters())
-        new = sorted(set(named) - set(self._names))
         if self.optim is None:
-            self.optim = torch.optim.Adam([named[k] for k in new], lr=self.lr)
-        elif new:
-            self.optim.add_param_group({"params": [named[k] for k in new]})
-        self._names += new
+            self.optim = Optimizers(self.lr, self.local_params)
+        new = sorted(set(named) - self.optim.known())
+        if new:
+            self.optim.add(new, named)
 
     def _args(self, t: int):
         return call_args(self.model, self.x, self.schedule(t), self.n)
@@ -122,7 +174,7 @@ class Trainer:
         # first step; afterwards they cost ~30% of a small VAE's step, so they go off.
         with pyro.validation_enabled(self.validate or self.optim is None):
             if self.optim is not None:
-                self.optim.zero_grad(set_to_none=True)
+                self.optim.zero_grad()
             if hasattr(self.elbo, "differentiable_loss"):
                 loss = self.loss(t)
                 value = loss.item()
@@ -144,7 +196,6 @@ class Trainer:
             "step": step,
             "params": {k: v.detach().clone() for k, v in store.named_parameters()},
             "optimizer": self.optim.state_dict() if self.optim else {},
-            "optimizer_param_names": list(self._names),
             "rng_torch": torch.get_rng_state(),
         }
         if self.x.is_cuda:
@@ -165,14 +216,8 @@ class Trainer:
                                     f"makes {tuple(named[k].shape)}; resume with the same model options")
                 named[k].copy_(v.to(named[k].device))
         if state.get("optimizer"):
-            self._names = []
-            self.optim = None
-            store_named = dict(pyro.get_param_store().named_parameters())
-            self.optim = torch.optim.Adam([store_named[k] for k in state["optimizer_param_names"]], lr=self.lr)
-            self._names = list(state["optimizer_param_names"])
-            self.optim.load_state_dict(state["optimizer"])
-            for group in self.optim.param_groups:  # a resumed run may change --lr
-                group["lr"] = self.lr
+            self.optim = Optimizers(self.lr, self.local_params)
+            self.optim.load_state_dict(state["optimizer"], dict(pyro.get_param_store().named_parameters()))
         torch.set_rng_state(state["rng_torch"].cpu())
         if "rng_cuda" in state and self.x.is_cuda:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.x.device)

@@ -14,6 +14,16 @@ SEED = 0
 
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    """Tests are many small tensor ops; on a busy 2-core machine torch's thread pool makes
+    them many times slower (threads wait on each other), while results do not change."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def fresh_pyro():
     """No test sees another's parameters or random state."""
     pyro.clear_param_store()
@@ -33,7 +43,7 @@ def device(request):
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` in a subprocess from the repository root, as a user would."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

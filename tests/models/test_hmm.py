@@ -15,21 +15,6 @@ from ppl_gen.train import Trainer, make_elbo
 K, V = 3, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The forward loop is many tiny ops; on a busy 2-core box torch's thread pool makes
-    them ~50x slower, so these tests run single-threaded (results are unchanged)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def single_threaded_subprocesses(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
 def random_hmm(seed=0):
     g = torch.Generator().manual_seed(seed)
     pi = torch.rand(K, generator=g, dtype=torch.float64).softmax(0)
