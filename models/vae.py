@@ -20,6 +20,21 @@ flow into theta. ``--elbo meanfield`` takes the KL term in closed form; ``--elbo
 estimates every term by Monte Carlo. Note the lecture calls the encoder's parameters
 theta and the decoder's phi, the reverse of Kingma & Welling's naming.
 
+Three guides (variational families) for the same model, ``--guide NAME``:
+
+* ``amortized``: the encoder above (Kingma & Welling 2014);
+* ``explicit``: one free (mu_n, sigma_n) per training example, the lecture's "a separate
+  q for every x"; minibatch steps touch only the batch's rows. New data get fresh local
+  parameters fitted with the decoder frozen (``--local-steps``);
+* ``semi-amortized``: the encoder's output refined by K gradient steps on each point's
+  ELBO, unrolled so the encoder learns a good starting point (Kim, Wiseman, Miller,
+  Sontag & Rush 2018, "Semi-Amortized Variational Autoencoders"; ``--refine-steps``).
+
+Evaluation splits the gap between log p(x) and the ELBO the way Cremer, Li & Duvenaud
+(2018, "Inference Suboptimality in Variational Autoencoders") do: approximation gap
+log p(x) - ELBO(q*) with q* the best Gaussian for each x, and amortization gap
+ELBO(q*) - ELBO(q).
+
 Data: scikit-learn's 8x8 digits by default (binarized); ``--data fashion-mnist``;
 any MNIST-format IDX folder or an .npz with x_train / x_test.
 """
@@ -27,6 +42,7 @@ any MNIST-format IDX folder or an .npz with x_train / x_test.
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +50,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import kl_divergence
 
 from ppl_gen import Spec, UserError, data_plate, plotting
 from ppl_gen.data import load_images
@@ -47,9 +64,23 @@ class Options:
         "help": "K, importance samples per point for the held-out log-likelihood"})
     ll_points: int = field(default=1000, metadata={
         "help": "held-out points (the first ones) scored by the log-likelihood estimate"})
+    test_points: int = field(default=0, metadata={
+        "help": "use only the first N held-out points for every held-out number (0: all)"})
+    local_steps: int = field(default=300, metadata={
+        "help": "Adam steps that fit an explicit guide's fresh (mu, sigma) to each held-out point"})
+    local_lr: float = field(default=0.05, metadata={
+        "help": "learning rate of the explicit guide's per-point parameters, in training and held-out fits"})
+    refine_steps: int = field(default=5, metadata={
+        "help": "K, gradient steps the semi-amortized guide takes from the encoder's output"})
+    refine_lr: float = field(default=0.02, metadata={"help": "step size of the semi-amortized refinement"})
+    refine_samples: int = field(default=4, metadata={"help": "z samples per refinement gradient"})
+    gap_points: int = field(default=200, metadata={
+        "help": "held-out points for the gap decomposition (log p(x), ELBO(q*), ELBO(q)); 0: skip it"})
+    qstar_steps: int = field(default=1000, metadata={
+        "help": "Adam steps that fit q*, the best Gaussian for each point, for the gap decomposition"})
 
     def validate(self):
-        for name in ("latent_dim", "hidden_dim", "ll_samples", "ll_points"):
+        for name in ("latent_dim", "hidden_dim", "ll_samples", "ll_points", "local_steps", "qstar_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
@@ -61,7 +92,12 @@ DEFAULTS = {"steps": 3000, "lr": 1e-3, "batch_size": 128}
 
 def data(spec: str | None = None, options: Options | None = None):
     """Binarized images: digits (default), fashion-mnist, an IDX folder or an .npz."""
-    return load_images(spec)
+    ds = load_images(spec)
+    if options is not None and options.test_points and ds.test is not None:
+        ds.test = ds.test[: options.test_points]
+        ds.labels_test = None if ds.labels_test is None else ds.labels_test[: options.test_points]
+        ds.meta["test_points"] = len(ds.test)
+    return ds
 
 
 class Encoder(nn.Module):
@@ -117,6 +153,93 @@ class VAE:
             mu, sigma = self.encoder(x)
             pyro.sample("z", dist.Normal(mu, sigma).to_event(1))
 
+    def explicit(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
+        """q(z_n) = N(mu_n, diag sigma_n^2) with free parameters per training example.
+        Inside the subsampled plate Pyro hands each step only the batch's rows."""
+        n = x.shape[0] if size is None else size
+        with data_plate(x, idx, size):
+            mu = pyro.param("q_mu", lambda: x.new_zeros(n, self.z_dim), event_dim=1)
+            sigma = pyro.param("q_sigma", lambda: x.new_ones(n, self.z_dim),
+                               constraint=dist.constraints.positive, event_dim=1)
+            pyro.sample("z", dist.Normal(mu, sigma).to_event(1))
+
+    def semi_amortized(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
+        """Encoder output, then K steps of gradient ascent on each point's ELBO (Kim et al. 2018)."""
+        pyro.module("encoder", self.encoder)
+        with data_plate(x, idx, size):
+            mu, sigma = self.encoder(x)
+            mu, log_sigma = self.refine(x, mu, sigma.log())
+            pyro.sample("z", dist.Normal(mu, log_sigma.exp()).to_event(1))
+
+    # -- per-point ELBOs and local fits -------------------------------------------------
+    def local_elbo(self, x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor,
+                   samples: int = 1) -> torch.Tensor:
+        """ELBO of each x under q = N(mu, sigma^2): E_q[log p(x|z)] (reparameterized Monte
+        Carlo) - KL(q || p(z)) (closed form). Shape: x.shape[:-1]."""
+        q = dist.Normal(mu, log_sigma.exp())
+        z = q.rsample((samples,))
+        reconstruction = self.likelihood(z).log_prob(x).mean(0)
+        kl = kl_divergence(q, dist.Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(-1)
+        return reconstruction - kl
+
+    def refine(self, x, mu, log_sigma, steps: int | None = None, lr: float | None = None):
+        """K gradient-ascent steps on each point's one-sample ELBO. While training, the steps
+        stay in the autograd graph, so the encoder learns where to start (Kim et al. 2018);
+        each point's step is clipped to length 0.1 so that a noisy gradient cannot throw it far."""
+        steps = self.options.refine_steps if steps is None else steps
+        lr = self.options.refine_lr if lr is None else lr
+        unrolled = torch.is_grad_enabled() and mu.requires_grad
+        with torch.enable_grad():
+            if not unrolled:
+                mu, log_sigma = mu.detach().requires_grad_(), log_sigma.detach().requires_grad_()
+            for _ in range(steps):
+                elbo = self.local_elbo(x, mu, log_sigma, self.options.refine_samples).sum()
+                g_mu, g_ls = torch.autograd.grad(elbo, (mu, log_sigma), create_graph=unrolled)
+                norm = torch.cat([g_mu, g_ls], -1).norm(dim=-1, keepdim=True)
+                clip = 1.0 / (10 * lr * norm).clamp(min=1.0)
+                mu, log_sigma = mu + lr * clip * g_mu, log_sigma + lr * clip * g_ls
+        if not unrolled:
+            mu, log_sigma = mu.detach(), log_sigma.detach()
+        return mu, log_sigma
+
+    def fit_gaussians(self, x: torch.Tensor, steps: int, lr: float | None = None,
+                      init: tuple[torch.Tensor, torch.Tensor] | None = None, samples: int = 4):
+        """The best Gaussian q for each x with the decoder frozen: maximize each point's ELBO
+        over its own (mu, log sigma) with Adam. Starts from ``init`` (mu, sigma) or the prior."""
+        lr = self.options.local_lr if lr is None else lr
+        if init is None:
+            mu0, log_sigma0 = x.new_zeros(x.shape[0], self.z_dim), x.new_zeros(x.shape[0], self.z_dim)
+        else:
+            mu0, log_sigma0 = init[0], init[1].log()
+        mu = mu0.detach().clone().requires_grad_()
+        log_sigma = log_sigma0.detach().clone().requires_grad_()
+        optim = torch.optim.Adam([mu, log_sigma], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optim.zero_grad()
+                loss = -self.local_elbo(x, mu, log_sigma, samples).sum()
+                mu.grad, log_sigma.grad = torch.autograd.grad(loss, (mu, log_sigma))
+                optim.step()
+        return mu.detach(), log_sigma.detach().exp()
+
+    @torch.no_grad()
+    def heldout_q(self, guide_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (mu, sigma) a guide gives new data x: the encoder, the refined encoder, or a
+        fresh explicit fit (``local_steps`` Adam steps from the prior)."""
+        if guide_name == "explicit":
+            return self.fit_gaussians(x, self.options.local_steps)
+        mu, sigma = self.encoder(x)
+        if guide_name == "semi-amortized":
+            mu, log_sigma = self.refine(x, mu, sigma.log())
+            sigma = log_sigma.exp()
+        return mu, sigma
+
+    def heldout_guide(self, guide_name: str, x: torch.Tensor):
+        """For the runner's held-out ELBO: the explicit guide needs fresh local parameters."""
+        if guide_name != "explicit":
+            return {"amortized": self.amortized, "semi-amortized": self.semi_amortized}[guide_name]
+        return partial(fixed_gaussian_guide, *self.heldout_q(guide_name, x))
+
     # -- evaluation ------------------------------------------------------------------
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, K: int,
@@ -141,14 +264,36 @@ class VAE:
         x = run.dataset.test
         if x is None:
             return {}
-        x = x[: self.options.ll_points]
-        with torch.no_grad():
-            loc, scale = self.encoder(x)
-        ll = self.log_likelihood(x, loc, scale, self.options.ll_samples)
-        return {"test_log_likelihood": ll.mean().item(),
-                "log_likelihood_samples": self.options.ll_samples,
-                "log_likelihood_points": len(x),
-                "log_likelihood_proposal": "amortized encoder q(z|x)"}
+        metrics = {}
+        xl = x[: self.options.ll_points]
+        loc, scale = self.heldout_q(run.guide_name, xl)
+        ll = self.log_likelihood(xl, loc, scale, self.options.ll_samples)
+        metrics.update({"test_log_likelihood": ll.mean().item(),
+                        "log_likelihood_samples": self.options.ll_samples,
+                        "log_likelihood_points": len(xl),
+                        "log_likelihood_proposal": f"the {run.guide_name} guide's q(z|x)"})
+        if self.options.gap_points:
+            metrics.update(self.gaps(x[: self.options.gap_points], run.guide_name))
+        return metrics
+
+    @torch.no_grad()
+    def gaps(self, x: torch.Tensor, guide_name: str, elbo_samples: int = 100) -> dict:
+        """Cremer, Li & Duvenaud (2018): log p(x) - ELBO(q) = approximation gap + amortization gap,
+
+            approximation gap = log p(x) - ELBO(q*)     (the Gaussian family's limit)
+            amortization gap  = ELBO(q*) - ELBO(q)      (the guide's shortfall against q*)
+
+        on the same points and decoder. q* starts from the guide's q and is refined for
+        ``qstar_steps`` Adam steps, so it is at least as good; log p(x) is importance-
+        sampled with q* as proposal (K = ``ll_samples``). Per data point, nats."""
+        q = self.heldout_q(guide_name, x)
+        q_star = self.fit_gaussians(x, self.options.qstar_steps, init=q)
+        elbo_q = self.local_elbo(x, q[0], q[1].log(), elbo_samples).mean().item()
+        elbo_q_star = self.local_elbo(x, q_star[0], q_star[1].log(), elbo_samples).mean().item()
+        log_px = self.log_likelihood(x, *q_star, self.options.ll_samples).mean().item()
+        return {"gap_points": len(x), "gap_log_px": log_px, "gap_elbo_q_star": elbo_q_star, "gap_elbo_q": elbo_q,
+                "approximation_gap": log_px - elbo_q_star, "amortization_gap": elbo_q_star - elbo_q,
+                "qstar_steps": self.options.qstar_steps}
 
     # -- plots -----------------------------------------------------------------------
     @torch.no_grad()
@@ -160,7 +305,7 @@ class VAE:
         x = ds.test if ds.test is not None else ds.train
         labels = ds.labels_test if ds.test is not None else ds.labels_train
         paths = []
-        mu, _ = self.encoder(x[:10])
+        mu, _ = self.heldout_q(run.guide_name, x[:10])
         recon = torch.sigmoid(self.decoder(mu))
         paths.append(plotting.image_grid(torch.cat([x[:10], recon]), shape, out / "reconstructions.png",
                                          "held-out images (top) and their reconstructions (bottom)",
@@ -168,14 +313,15 @@ class VAE:
         z = self.prior(x).sample((64,))
         paths.append(plotting.image_grid(torch.sigmoid(self.decoder(z)), shape, out / "samples.png",
                                          "samples from the prior: Bernoulli means of p(x|z), z ~ N(0, I)"))
-        mu, _ = self.encoder(x[:2000])
+        mu, _ = self.heldout_q(run.guide_name, x[:500])
+        labels = None if labels is None else labels[:500]
         if self.z_dim == 2:
             points, xl, yl, how = mu, "z1", "z2", ""
         else:  # project the posterior means on their two principal axes
             centred = mu - mu.mean(0)
             _, _, v = torch.linalg.svd(centred, full_matrices=False)
             points, xl, yl, how = centred @ v[:2].T, "PC1", "PC2", " (first two principal components)"
-        paths.append(plotting.scatter_2d(points, None if labels is None else labels[:2000],
+        paths.append(plotting.scatter_2d(points, None if labels is None else labels,
                                          out / "latent_space.png", f"encoder means of held-out data{how}", xl, yl))
         if self.z_dim == 2:
             # the manifold: decode a grid of z placed at Normal quantiles, as in Kingma & Welling's Fig. 4
@@ -188,7 +334,17 @@ class VAE:
         return paths
 
 
+def fixed_gaussian_guide(mu: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor,
+                         idx: torch.Tensor | None = None, size: int | None = None):
+    """A guide with given (mu_n, sigma_n) per data point: explicit q on held-out data."""
+    with data_plate(x, idx, size):
+        mu, sigma = (mu, sigma) if idx is None else (mu[idx], sigma[idx])
+        pyro.sample("z", dist.Normal(mu, sigma).to_event(1))
+
+
 def build(options: Options, dataset) -> Spec:
     vae = VAE(dataset.train.shape[-1], options, dataset.train.device)
-    return Spec(model=vae.model, guides={"amortized": vae.amortized},
-                evaluate=vae.evaluate, plots=vae.plots, description=__doc__.split("\n")[0])
+    return Spec(model=vae.model,
+                guides={"amortized": vae.amortized, "explicit": vae.explicit, "semi-amortized": vae.semi_amortized},
+                evaluate=vae.evaluate, plots=vae.plots, description=__doc__.split("\n")[0],
+                local_params=("q_mu", "q_sigma"), local_lr=options.local_lr, heldout_guide=vae.heldout_guide)

@@ -90,3 +90,79 @@ def scatter_2d(points: torch.Tensor, labels: torch.Tensor | None, path: Path, ti
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def compare_curves(traces: dict[str, list[dict]], path: Path) -> Path:
+    """ELBO per data point against step and against training seconds, one line per guide."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    lows = []
+    for k, (name, trace) in enumerate(traces.items()):
+        color = f"C{k}"
+        steps = np.array([int(r["step"]) for r in trace])
+        secs = np.array([float(r["seconds"]) for r in trace])
+        elbo = _smooth(-np.array([float(r["loss"]) for r in trace]), max(len(trace) // 50, 1))
+        test = [(int(r["step"]), float(r["seconds"]), float(r["test_elbo"])) for r in trace
+                if r.get("test_elbo") not in (None, "")]
+        for ax, x in ((axes[0], steps), (axes[1], secs)):
+            ax.plot(x, elbo, color=color, lw=1.5, label=f"{name} (train, smoothed)")
+        if test:
+            ts, tsec, tv = zip(*test)
+            axes[0].plot(ts, tv, "o--", color=color, ms=3.5, lw=0.8, label=f"{name} (held-out)")
+            axes[1].plot(tsec, tv, "o--", color=color, ms=3.5, lw=0.8)
+        if len(elbo) > 10:
+            lows.append(np.percentile(elbo[len(elbo) // 5:], 1))
+    if lows:
+        top = max(ax.get_ylim()[1] for ax in axes)
+        axes[0].set_ylim(min(lows) - 0.05 * (top - min(lows)), top)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("training seconds")
+    axes[0].set_ylabel("ELBO per data point (nats)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle("same model, data, seed and step budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare_bars(rows: list[dict], path: Path) -> Path:
+    """Held-out ELBO and log-likelihood per guide; the two gaps stacked, where reported."""
+    names = [r["guide"] for r in rows]
+    has_gaps = any("approximation_gap" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_gaps else 1, figsize=(11 if has_gaps else 6, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    x = np.arange(len(rows))
+    for j, (key, label) in enumerate([("test_elbo", "held-out ELBO"), ("test_log_likelihood", "held-out log p(x)")]):
+        vals = [r.get(key) for r in rows]
+        if all(v is None for v in vals):
+            continue
+        vals = np.array([np.nan if v is None else v for v in vals])
+        ax.bar(x + 0.38 * (j - 0.5), vals, width=0.36, label=label, color=f"C{j}")
+        for xi, v in zip(x + 0.38 * (j - 0.5), vals):
+            ax.annotate(f"{v:.2f}", (xi, v), ha="center", va="top", fontsize=7, color="white",
+                        xytext=(0, -3), textcoords="offset points")
+    finite = [r.get(k) for r in rows for k in ("test_elbo", "test_log_likelihood") if r.get(k) is not None]
+    if finite:  # bars of negative numbers: show the range where they differ
+        lo, hi = min(finite), max(finite)
+        ax.set_ylim(lo - 0.6 * (hi - lo + 1e-3), min(hi + 0.4 * (hi - lo + 1e-3), 0))
+    ax.set_xticks(x, names)
+    ax.set_ylabel("nats per data point (higher is better)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    if has_gaps:
+        ax = axes[0, 1]
+        approx = np.array([r.get("approximation_gap", np.nan) for r in rows])
+        amort = np.array([r.get("amortization_gap", np.nan) for r in rows])
+        ax.bar(x, approx, color="C2", label="approximation gap: log p(x) - ELBO(q*)")
+        ax.bar(x, amort, bottom=approx, color="C3", label="amortization gap: ELBO(q*) - ELBO(q)")
+        ax.set_xticks(x, names)
+        ax.set_ylabel("nats per data point")
+        ax.set_title("log p(x) - ELBO(q), split (Cremer et al. 2018)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

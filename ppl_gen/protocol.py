@@ -50,10 +50,14 @@ class Spec:
     writes model-specific PNGs. ``run`` is the :class:`~ppl_gen.train.FittedRun`.
 
     ``local_params`` names the per-data-point parameters (one row per training example,
-    as in an explicit guide): a minibatch step updates only its own rows of them.
+    as in an explicit guide): a minibatch step updates only its own rows of them, with
+    learning rate ``local_lr`` (default: ``--lr``): each row moves once per epoch only.
     ``heldout_guide(guide_name, x) -> guide`` returns the guide to score new data ``x``
     with, for guides that cannot be applied to data they were not fitted on (an explicit
     guide fits fresh local parameters there); by default the guide itself is used.
+    ``updates[guide_name] = update(x, idx, size, t) -> -ELBO`` fits that guide by closed-form
+    updates of its parameters in Pyro's store (coordinate ascent, CAVI) instead of gradient
+    steps; the runner still evaluates, checkpoints and times it like any other guide.
     """
 
     model: Callable
@@ -63,6 +67,8 @@ class Spec:
     plots: Callable[[Any, Path], list] | None = None
     description: str = ""
     local_params: tuple[str, ...] = ()
+    local_lr: float | None = None
+    updates: dict[str, Callable] = field(default_factory=dict)
     heldout_guide: Callable[[str, torch.Tensor], Callable] | None = None
 
     def __post_init__(self):

@@ -78,8 +78,9 @@ class Optimizers:
     minibatch step changes only its own rows of them. Parameters join in groups as Pyro
     creates them; the group structure (by parameter name) is saved with the state."""
 
-    def __init__(self, lr: float, local_names=()):
+    def __init__(self, lr: float, local_names=(), local_lr: float | None = None):
         self.lr, self.local_names = lr, set(local_names)
+        self.local_lr = lr if local_lr is None else local_lr
         self.parts: dict[str, torch.optim.Optimizer] = {}
         self.groups: dict[str, list[list[str]]] = {}
 
@@ -96,11 +97,18 @@ class Optimizers:
                 continue
             params = [named[k] for k in group]
             if kind not in self.parts:
-                cls = RowwiseAdam if kind == "local" else torch.optim.Adam
-                self.parts[kind] = cls(params, lr=self.lr)
+                if kind == "local":
+                    self.parts[kind] = RowwiseAdam(params, lr=self.local_lr)
+                else:
+                    self.parts[kind] = torch.optim.Adam(params, lr=self.lr)
             else:
                 self.parts[kind].add_param_group({"params": params})
             self.groups.setdefault(kind, []).append(group)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """All groups, global and local, e.g. for a learning-rate schedule."""
+        return [g for opt in self.parts.values() for g in opt.param_groups]
 
     def zero_grad(self) -> None:
         for opt in self.parts.values():
@@ -121,7 +129,7 @@ class Optimizers:
         for kind, opt in self.parts.items():
             opt.load_state_dict(state["states"][kind])
             for group in opt.param_groups:  # a resumed run may change --lr
-                group["lr"] = self.lr
+                group["lr"] = self.local_lr if kind == "local" else self.lr
 
 
 class Trainer:
@@ -129,8 +137,10 @@ class Trainer:
 
     def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, elbo: pyro.infer.ELBO,
                  lr: float, batch_size: int | None = None, seed: int = 0, validate: bool = False,
-                 local_params=()):
+                 local_params=(), local_lr: float | None = None, update: Callable | None = None):
         self.model, self.guide, self.x, self.elbo, self.lr = model, guide, x, elbo, lr
+        # a guide fitted by closed-form updates (e.g. CAVI) instead of gradient steps
+        self.update = update
         self.n = x.shape[0]
         if batch_size is not None and batch_size < self.n and not (
                 takes_minibatches(model) and takes_minibatches(guide)):
@@ -138,7 +148,7 @@ class Trainer:
                             "(x, idx=None, size=None); this file's take only x: drop --batch-size")
         self.schedule = BatchSchedule(self.n, batch_size, seed, x.device)
         self.validate = validate
-        self.local_params = tuple(local_params)
+        self.local_params, self.local_lr = tuple(local_params), local_lr
         self.optim: Optimizers | None = None
 
     # Parameters live in Pyro's store (pyro.param, pyro.module); Adam sees their
@@ -149,7 +159,7 @@ class Trainer:
             return
         named = dict(store.named_parameters())
         if self.optim is None:
-            self.optim = Optimizers(self.lr, self.local_params)
+            self.optim = Optimizers(self.lr, self.local_params, self.local_lr)
         new = sorted(set(named) - self.optim.known())
         if new:
             self.optim.add(new, named)
@@ -170,6 +180,8 @@ class Trainer:
 
     def step(self, t: int) -> float:
         """One gradient step; returns -ELBO per data point (the batch's estimate)."""
+        if self.update is not None:
+            return self._closed_form_step(t)
         # Pyro's argument and support checks catch most mistakes in a model file on the
         # first step; afterwards they cost ~30% of a small VAE's step, so they go off.
         with pyro.validation_enabled(self.validate or self.optim is None):
@@ -187,6 +199,18 @@ class Trainer:
             raise TrainingDiverged(f"the loss became {value} at step {t}")
         self._sync_optimizer()
         self.optim.step()
+        return value / self.n
+
+    def _closed_form_step(self, t: int) -> float:
+        """``update(x, idx, size, t) -> -ELBO`` changes the guide's parameters in place (in
+        Pyro's parameter store, so checkpoints hold them); no optimizer is involved."""
+        if self.optim is None:
+            self.init_params()
+        idx = self.schedule(t)
+        with torch.no_grad():
+            value = float(self.update(self.x if idx is None else self.x[idx], idx, self.n, t))
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the loss became {value} at step {t}")
         return value / self.n
 
     # -- checkpoint state --------------------------------------------------------
@@ -216,7 +240,7 @@ class Trainer:
                                     f"makes {tuple(named[k].shape)}; resume with the same model options")
                 named[k].copy_(v.to(named[k].device))
         if state.get("optimizer"):
-            self.optim = Optimizers(self.lr, self.local_params)
+            self.optim = Optimizers(self.lr, self.local_params, self.local_lr)
             self.optim.load_state_dict(state["optimizer"], dict(pyro.get_param_store().named_parameters()))
         torch.set_rng_state(state["rng_torch"].cpu())
         if "rng_cuda" in state and self.x.is_cuda:
