@@ -10,6 +10,7 @@ lives for small networks (see ``python -m ppl_gen.bench vae``).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -184,7 +185,10 @@ class Trainer:
             return self._closed_form_step(t)
         # Pyro's argument and support checks catch most mistakes in a model file on the
         # first step; afterwards they cost ~30% of a small VAE's step, so they go off.
-        with pyro.validation_enabled(self.validate or self.optim is None):
+        # NaN is reported by TrainingDiverged below, naming the step; Pyro's own warning
+        # would add a second, less useful line
+        with pyro.validation_enabled(self.validate or self.optim is None), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN")
             if self.optim is not None:
                 self.optim.zero_grad()
             if hasattr(self.elbo, "differentiable_loss"):
