@@ -295,6 +295,25 @@ class VAE:
                 "approximation_gap": log_px - elbo_q_star, "amortization_gap": elbo_q_star - elbo_q,
                 "qstar_steps": self.options.qstar_steps}
 
+    @torch.no_grad()
+    def grid_posterior(self, x: torch.Tensor, center: torch.Tensor, half_width: float, n: int = 151):
+        """The exact posterior p(z | x) of one x on an n x n grid (2-D latent only).
+
+        log p(x, z) is evaluated at every grid point and normalized on the grid, so the
+        returned density sums to 1 times the cell area, and the log normalizer is a
+        quadrature estimate of log p(x) = log integral p(x, z) dz.
+        Returns (z1 axis, z2 axis, density [n, n] indexed [z2, z1], log normalizer)."""
+        if self.z_dim != 2:
+            raise UserError("the grid posterior needs --latent-dim 2")
+        z1 = torch.linspace(center[0] - half_width, center[0] + half_width, n, device=x.device)
+        z2 = torch.linspace(center[1] - half_width, center[1] + half_width, n, device=x.device)
+        zz = torch.stack(torch.meshgrid(z1, z2, indexing="xy"), -1).reshape(-1, 2)
+        log_joint = self.prior(x).log_prob(zz) + self.likelihood(zz).log_prob(x)
+        log_cell = math.log((z1[1] - z1[0]).item() * (z2[1] - z2[0]).item())
+        log_normalizer = torch.logsumexp(log_joint, 0) + log_cell
+        density = torch.exp(log_joint - log_normalizer).reshape(n, n)
+        return z1, z2, density, log_normalizer.item()
+
     # -- plots -----------------------------------------------------------------------
     @torch.no_grad()
     def plots(self, run, out: Path) -> list[Path]:
@@ -331,7 +350,28 @@ class VAE:
             zz = torch.stack(torch.meshgrid(grid, grid.flip(0), indexing="xy"), -1).reshape(-1, 2)
             paths.append(plotting.image_grid(torch.sigmoid(self.decoder(zz)), shape, out / "manifold.png",
                                              "decoder means over a grid of z (Normal quantiles)", nrow=n))
+            # four held-out points of different classes where labels are known
+            pick = list(range(4)) if labels is None else [
+                int((labels == c).nonzero()[0]) for c in labels.unique()[:4]]
+            paths.append(self.plot_posteriors(x[pick], run.guide_name, out / "posterior_grid.png"))
         return paths
+
+    @torch.no_grad()
+    def plot_posteriors(self, x: torch.Tensor, guide_name: str, path: Path) -> Path:
+        """For a few held-out x: the true p(z|x) on a grid, the guide's q and q* (the best
+        Gaussian for that x) drawn over it. The distance from p to q* is the approximation
+        gap; from q* to the guide's q, the amortization gap."""
+        q = self.heldout_q(guide_name, x)
+        q_star = self.fit_gaussians(x, self.options.qstar_steps, init=q)
+        panels = []
+        for i in range(len(x)):
+            spread = torch.cat([q[1][i], q_star[1][i], (q[0][i] - q_star[0][i]).abs() / 3])
+            half_width = 4.0 * spread.max().item()
+            z1, z2, density, log_norm = self.grid_posterior(x[i], q_star[0][i], half_width)
+            panels.append({"z1": z1, "z2": z2, "density": density, "log_px": log_norm,
+                           "gaussians": {f"{guide_name} q": (q[0][i], q[1][i]),
+                                         "q* (best Gaussian)": (q_star[0][i], q_star[1][i])}})
+        return plotting.posterior_panels(panels, path, "true posterior p(z|x) (filled) against Gaussian q's")
 
 
 def fixed_gaussian_guide(mu: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor,

@@ -166,3 +166,28 @@ def compare_bars(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def posterior_panels(panels: list[dict], path: Path, title: str = "") -> Path:
+    """Each panel: a density on a grid (filled contours) and Gaussians drawn as 1- and 2-sd
+    ellipses (axis-aligned: diagonal covariance)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.9), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        z1, z2 = panel["z1"].cpu().numpy(), panel["z2"].cpu().numpy()
+        ax.contourf(z1, z2, panel["density"].cpu().numpy(), levels=12, cmap="Greys")
+        for k, (label, (mu, sigma)) in enumerate(panel["gaussians"].items()):
+            mu, sigma = mu.cpu().numpy(), sigma.cpu().numpy()
+            t = np.linspace(0, 2 * np.pi, 200)
+            for r, style in ((1, "-"), (2, ":")):
+                ax.plot(mu[0] + r * sigma[0] * np.cos(t), mu[1] + r * sigma[1] * np.sin(t), style,
+                        color=f"C{k + 1}", lw=1.6, label=label if r == 1 else None)
+        ax.set_title(f"log p(x) = {panel['log_px']:.2f}", fontsize=9)
+        ax.set_xlabel("z1")
+        ax.set_aspect("equal")
+    axes[0, 0].set_ylabel("z2")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
