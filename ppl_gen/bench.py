@@ -126,8 +126,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100, help="steps per method per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="also write the result to this JSON file")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         result = bench_vae(args.batch_size, args.x_dim, args.hidden_dim, args.latent_dim, args.steps,
                            args.rounds, args.device)
