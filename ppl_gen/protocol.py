@@ -58,6 +58,8 @@ class Spec:
     ``updates[guide_name] = update(x, idx, size, t) -> -ELBO`` fits that guide by closed-form
     updates of its parameters in Pyro's store (coordinate ascent, CAVI) instead of gradient
     steps; the runner still evaluates, checkpoints and times it like any other guide.
+    ``posterior_dims[site] = ("dim", ...)`` (or ``{"dim": labels, ...}``) names the dimensions
+    of a global latent in ``posterior.nc``; by default they come from the model's plates.
     """
 
     model: Callable
@@ -70,6 +72,9 @@ class Spec:
     local_lr: float | None = None
     updates: dict[str, Callable] = field(default_factory=dict)
     heldout_guide: Callable[[str, torch.Tensor], Callable] | None = None
+    # names (or {name: labels}) for the dimensions of global latents in posterior.nc,
+    # where the plates' names are not the ones wanted (see ppl_gen.posterior)
+    posterior_dims: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.guides:
