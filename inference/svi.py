@@ -201,8 +201,10 @@ def run(cfg: RunConfig, model_file=None):
     from ppl_gen.train import FittedRun, Trainer, evaluate_elbo, make_elbo
 
     mf = model_file or load_model_file(cfg.model_file)
-    if cfg.backend != "pyro":
-        raise UserError(f"{mf.path.name} declares no NumPyro twin yet; use --backend pyro")
+    if cfg.backend == "numpyro":  # imported only when asked for: numpyro and jax are an optional extra
+        from inference import numpyro_backend
+
+        return numpyro_backend.run(cfg, mf)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -1,5 +1,6 @@
-"""Every `python -m inference.svi ...` command shown in README.md and docs/*.md runs, with a
-tiny budget appended (later flags override earlier ones), so the docs cannot rot."""
+"""Every `python -m inference.svi ...` and `python -m inference.compare ...` command shown in
+README.md and docs/*.md runs, with a tiny budget appended (later flags override earlier
+ones), so the docs cannot rot."""
 
 import re
 import shlex
@@ -8,13 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.svi import main
+from inference.compare import main as compare_main
+from inference.svi import main as svi_main
 from ppl_gen.data import FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # per-file budget flags on top of the tiny step count, where a file's evaluation is costly
-BUDGET = {"vae.py": ["--ll-samples", "5", "--ll-points", "20"]}
+BUDGET = {"vae.py": ["--ll-samples", "5", "--ll-points", "20", "--gap-points", "10", "--qstar-steps", "5",
+                     "--local-steps", "5", "--test-points", "30"]}
+ENTRY = {"inference.svi": svi_main, "inference.compare": compare_main}
 
 
 def _commands():
@@ -23,13 +27,14 @@ def _commands():
         for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
             for line in block.splitlines():
                 line = line.split("#")[0].strip()
-                if line.startswith("python -m inference.svi"):
-                    yield pytest.param(line, id=f"{page.name}: {line[24:70]}")
+                if line.startswith(("python -m inference.svi", "python -m inference.compare")):
+                    yield pytest.param(line, id=f"{page.name}: {line[10:70]}")
 
 
 @pytest.mark.parametrize("command", list(_commands()))
 def test_documented_command_runs(command, tmp_path, capsys):
-    argv = shlex.split(command)[3:]
+    words = shlex.split(command)
+    main, argv = ENTRY[words[2]], words[3:]
     if "cuda" in argv and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if "fashion-mnist" in argv and not FASHION_MNIST_DIR.is_dir():
@@ -53,4 +58,4 @@ def test_documented_command_runs(command, tmp_path, capsys):
     budget = ["--steps", "3", "--eval-every", "3", "--no-progress", "--out", str(tmp_path / "run")]
     code = main([*argv, *budget, *BUDGET.get(Path(argv[0]).name, [])])
     assert code == 0, capsys.readouterr().err
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert (tmp_path / "run" / ("compare.json" if main is compare_main else "metrics.json")).is_file()
