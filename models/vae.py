@@ -388,3 +388,71 @@ def build(options: Options, dataset) -> Spec:
                 guides={"amortized": vae.amortized, "explicit": vae.explicit, "semi-amortized": vae.semi_amortized},
                 evaluate=vae.evaluate, plots=vae.plots, description=__doc__.split("\n")[0],
                 local_params=("q_mu", "q_sigma"), local_lr=options.local_lr, heldout_guide=vae.heldout_guide)
+
+
+def numpyro_twin(options: Options, dataset):
+    """The NumPyro twin (``--backend numpyro``): the same model and the three guides in
+    NumPyro/JAX (Phan et al. 2019). Parameters carry the Pyro store's names and torch's
+    layouts (``decoder$$$hidden.weight`` is [out, in]), so the runner starts both backends
+    from the same weights and evaluates the NumPyro fit with the torch networks above."""
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+
+    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate, linear
+
+    x_dim, h, zd = dataset.train.shape[-1], options.hidden_dim, options.latent_dim
+    o = options
+
+    def decoder(z):
+        return linear("decoder$$$logits", jax.nn.relu(linear("decoder$$$hidden", z, zd, h)), h, x_dim)
+
+    def encoder(x):
+        hid = jax.nn.relu(linear("encoder$$$hidden", x, x_dim, h))
+        return linear("encoder$$$mu", hid, h, zd), jnp.exp(linear("encoder$$$log_sigma", hid, h, zd))
+
+    def model(x, idx=None, size=None):
+        with data_plate(x, idx, size):
+            z = numpyro.sample("z", nd.Normal(jnp.zeros(zd, x.dtype), jnp.ones(zd, x.dtype)).to_event(1))
+            numpyro.sample("x", nd.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    def amortized(x, idx=None, size=None):
+        mu, sigma = encoder(x)
+        with data_plate(x, idx, size):
+            numpyro.sample("z", nd.Normal(mu, sigma).to_event(1))
+
+    def explicit(x, idx=None, size=None):
+        n = x.shape[0] if size is None else size
+        mu = numpyro.param("q_mu", jnp.zeros((n, zd), x.dtype))
+        sigma = numpyro.param("q_sigma", jnp.ones((n, zd), x.dtype), constraint=nd.constraints.positive)
+        if idx is not None:  # the batch's rows: only they get a gradient (row-wise Adam)
+            mu, sigma = mu[idx], sigma[idx]
+        with data_plate(x, idx, size):
+            numpyro.sample("z", nd.Normal(mu, sigma).to_event(1))
+
+    def local_elbo(x, mu, log_sigma, key):
+        """VAE.local_elbo: Monte Carlo reconstruction, closed-form KL to N(0, I)."""
+        sigma = jnp.exp(log_sigma)
+        z = mu + sigma * jax.random.normal(key, (o.refine_samples,) + mu.shape, mu.dtype)
+        rec = nd.Bernoulli(logits=decoder(z)).to_event(1).log_prob(x).mean(0)
+        kl = 0.5 * (sigma ** 2 + mu ** 2 - 1.0 - 2.0 * log_sigma).sum(-1)
+        return rec - kl
+
+    def semi_amortized(x, idx=None, size=None):
+        """VAE.refine, unrolled: K clipped gradient-ascent steps from the encoder's output."""
+        mu, sigma = encoder(x)
+        log_sigma, lr = jnp.log(sigma), o.refine_lr
+        key = numpyro.prng_key()
+        for _ in range(o.refine_steps):
+            key, sub = jax.random.split(key)
+            g_mu, g_ls = jax.grad(lambda m, s: local_elbo(x, m, s, sub).sum(), argnums=(0, 1))(mu, log_sigma)
+            norm = jnp.linalg.norm(jnp.concatenate([g_mu, g_ls], -1), axis=-1, keepdims=True)
+            clip = 1.0 / jnp.maximum(10 * lr * norm, 1.0)
+            mu, log_sigma = mu + lr * clip * g_mu, log_sigma + lr * clip * g_ls
+        with data_plate(x, idx, size):
+            numpyro.sample("z", nd.Normal(mu, jnp.exp(log_sigma)).to_event(1))
+
+    return NumpyroTwin(model=model, guides={"amortized": amortized, "explicit": explicit,
+                                            "semi-amortized": semi_amortized},
+                       local_params=("q_mu", "q_sigma"))

@@ -48,3 +48,24 @@ def guide(x, idx=None, size=None):
     loc = pyro.param("loc", x.new_tensor(0.0))
     scale = pyro.param("scale", x.new_tensor(1.0), constraint=dist.constraints.positive)
     pyro.sample("mu", dist.Normal(loc, scale))
+
+
+def numpyro_twin(options=None, dataset=None):
+    """The same model and guide in NumPyro (``--backend numpyro``): same sites, priors and
+    parameter names, so both backends start from and report the same values."""
+    import numpyro
+    import numpyro.distributions as nd
+
+    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+
+    def np_model(x, idx=None, size=None):
+        mu = numpyro.sample("mu", nd.Normal(MU0, TAU0))
+        with data_plate(x, idx, size):
+            numpyro.sample("x", nd.Normal(mu, SIGMA), obs=x)
+
+    def np_guide(x, idx=None, size=None):
+        loc = numpyro.param("loc", 0.0)
+        scale = numpyro.param("scale", 1.0, constraint=nd.constraints.positive)
+        numpyro.sample("mu", nd.Normal(loc, scale))
+
+    return NumpyroTwin(model=np_model, guides={"guide": np_guide})

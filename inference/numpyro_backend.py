@@ -1,0 +1,463 @@
+"""``--backend numpyro``: fit a model file's NumPyro twin with NumPyro's SVI (JIT-compiled).
+
+NumPyro (Phan, Pradhan & Jankowiak 2019, arXiv:1912.11554) traces model and guide with
+JAX, so one SVI step (ELBO estimate, its gradient and the Adam update) is a single
+XLA-compiled function: ``jax.jit(svi.update)``
+(https://num.pyro.ai/en/stable/svi.html).
+
+What is shared with the Pyro path, so that differences are the inference engine's alone:
+
+* data: the model file's ``data()`` runs once (torch tensors), converted to JAX arrays;
+* the batch schedule: ``ppl_gen.train.BatchSchedule`` draws the same rows at step t;
+* the starting point: the Pyro spec is built under the same seed and its parameters are
+  created as the Pyro runner would create them; NumPyro starts from those values;
+* the optimizer: Adam with torch's defaults (betas 0.9/0.999, eps 1e-8) in the same
+  unconstrained space (exp for positive parameters), row-wise for per-data-point parameters
+  like ``ppl_gen.optim.RowwiseAdam``;
+* evaluation: at every evaluation the fitted values are copied back into Pyro's parameter
+  store (and so into the model file's torch networks), and the held-out ELBO, the
+  train ELBO, the model's own ``evaluate`` and ``plots`` run on the Pyro side: one code path
+  for the numbers of both backends;
+* the run folder: the same files, the same ``metrics.json`` keys; ``checkpoint.pt`` holds
+  torch tensors converted from the JAX arrays (loads with ``weights_only=True``).
+
+numpyro and jax are imported here only, inside functions: without them ``--backend numpyro``
+is one ``error:`` line naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any, Callable
+
+from ppl_gen.errors import TrainingDiverged, UserError
+
+MISSING = '--backend numpyro needs the numpyro extra: pip install -e ".[numpyro]"'
+
+
+def require_numpyro():
+    """Import jax and numpyro, or stop with the one-line message naming the extra."""
+    try:
+        import jax  # noqa: F401
+        import numpyro  # noqa: F401
+    except ImportError:
+        raise UserError(MISSING) from None
+    return numpyro
+
+
+def elbo_class(name: str):
+    """The NumPyro estimator behind each ``--elbo`` name (the same estimators as Pyro's)."""
+    import numpyro.infer as ni
+
+    table = {"trace": ni.Trace_ELBO, "meanfield": ni.TraceMeanField_ELBO, "tracegraph": ni.TraceGraph_ELBO}
+    if name not in table:
+        raise UserError(f"--elbo {name} has no NumPyro counterpart here (TraceEnum_ELBO needs funsor); "
+                        f"with --backend numpyro choose one of {', '.join(table)}")
+    return table[name]
+
+
+# ---------------------------------------------------------------- the twin
+def load_twin(mf, options, dataset):
+    """Call the model file's ``numpyro_twin(options, dataset)``; clear errors when it has none."""
+    from ppl_gen.numpyro_twin import NumpyroTwin
+    from ppl_gen.protocol import _accepted
+
+    fn = getattr(mf.module, "numpyro_twin", None)
+    if fn is None:
+        raise UserError(f"{mf.path.name} declares no NumPyro twin (def numpyro_twin(options, dataset)); "
+                        "use --backend pyro")
+    twin = fn(**_accepted(fn, options=options, dataset=dataset))
+    if not isinstance(twin, NumpyroTwin):
+        raise UserError(f"{mf.path.name}: numpyro_twin() must return a ppl_gen.numpyro_twin.NumpyroTwin")
+    if twin.x64:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    return twin
+
+
+def twin_guide(twin, name: str, model_name: str) -> Callable:
+    if name not in twin.guides:
+        raise UserError(f"guide {name!r} has no NumPyro twin in {model_name}; with --backend numpyro "
+                        f"choose --guide {' or '.join(twin.guides)}")
+    return twin.guides[name]
+
+
+def to_jax(value):
+    """torch tensor -> JAX array (numbers go in, numbers come out)."""
+    import jax.numpy as jnp
+
+    from ppl_gen.numpyro_twin import to_numpy
+
+    return None if value is None else jnp.asarray(to_numpy(value))
+
+
+def call_args(fn: Callable, x, idx, size: int):
+    """The twin's counterpart of ``ppl_gen.train.call_args``: batch rows, row numbers, and
+    the full set's size as a keyword (a Python int, constant under jit)."""
+    from ppl_gen.protocol import takes_minibatches
+
+    if idx is None or not takes_minibatches(fn):
+        return (x,), {}
+    return (x[idx], idx), {"size": size}
+
+
+# ---------------------------------------------------------------- parameters both ways
+def pyro_params() -> dict:
+    """Constrained values of every parameter in Pyro's store, as numpy arrays."""
+    import pyro
+
+    store = pyro.get_param_store()
+    return {k: store[k].detach().cpu().numpy() for k in store.keys()}
+
+
+def copy_to_pyro(constrained: dict) -> None:
+    """Write constrained values into Pyro's store in place (module parameters stay the
+    module's own tensors), inverting each parameter's constraint on the torch side."""
+    import numpy as np
+    import pyro
+    import torch
+    from torch.distributions import transform_to
+
+    store = pyro.get_param_store()
+    unconstrained = dict(store.named_parameters())
+    constraints = store.get_state()["constraints"]
+    with torch.no_grad():
+        for k, v in constrained.items():
+            u = unconstrained[k]
+            value = torch.as_tensor(np.array(v), dtype=u.dtype, device=u.device)
+            u.copy_(transform_to(constraints[k]).inv(value))
+
+
+def adam(lr: float, local_names=(), local_lr: float | None = None, b1: float = 0.9, b2: float = 0.999,
+         eps: float = 1e-8):
+    """Adam (Kingma & Ba 2015) as a ``jax.example_libraries.optimizers.Optimizer`` over a dict of
+    unconstrained parameters: torch's update and defaults. Parameters in ``local_names`` are
+    updated row-wise (moments and bias correction counted per row; rows without gradient stay
+    exactly as they were), as ``ppl_gen.optim.RowwiseAdam`` does on the Pyro side.
+
+    The state of each parameter is (x, m, v, t); t is a scalar, or one count per row."""
+    import jax.numpy as jnp
+    from jax.example_libraries.optimizers import Optimizer
+
+    local = set(local_names)
+    local_lr = lr if local_lr is None else local_lr
+
+    def init(params):
+        return {k: (x, jnp.zeros_like(x), jnp.zeros_like(x),
+                    jnp.zeros(x.shape[:1] if k in local else (), x.dtype)) for k, x in params.items()}
+
+    def one(k, g, state):
+        x, m, v, t = state
+        if k not in local:
+            t = t + 1
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            return x - lr * (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps), m, v, t
+        touched = jnp.any(g.reshape(g.shape[0], -1) != 0, axis=1)
+        rows = touched.reshape((-1,) + (1,) * (g.ndim - 1))
+        t = t + touched.astype(t.dtype)
+        m = jnp.where(rows, b1 * m + (1 - b1) * g, m)
+        v = jnp.where(rows, b2 * v + (1 - b2) * g * g, v)
+        tt = jnp.maximum(t, 1).reshape(rows.shape)
+        step = local_lr * (m / (1 - b1 ** tt)) / (jnp.sqrt(v / (1 - b2 ** tt)) + eps)
+        return jnp.where(rows, x - step, x), m, v, t
+
+    def update(i, grads, state):
+        return {k: one(k, grads[k], state[k]) for k in state}
+
+    def params(state):
+        return {k: s[0] for k, s in state.items()}
+
+    return Optimizer(init, update, params)
+
+
+# ---------------------------------------------------------------- the trainer
+class NumpyroTrainer:
+    """The NumPyro counterpart of ``ppl_gen.train.Trainer``: one jitted ``svi.update`` per step."""
+
+    def __init__(self, twin_model: Callable, twin_guide: Callable, x, schedule, elbo_name: str, lr: float,
+                 seed: int, init_params: dict, num_particles: int = 1, local_params=(),
+                 local_lr: float | None = None):
+        import jax
+        import jax.numpy as jnp
+        from numpyro.infer import SVI
+
+        self.model, self.guide, self.schedule = twin_model, twin_guide, schedule
+        self.x = x                                   # the whole training set, a JAX array
+        self.n = int(x.shape[0])
+        self.optim = adam(lr, local_params, local_lr)
+        self.svi = SVI(twin_model, twin_guide, self.optim,
+                       elbo_class(elbo_name)(num_particles=num_particles))
+        args, kwargs = self._args(1)
+        names = self._param_names(args, kwargs)
+        unknown = sorted(set(names) - set(init_params))
+        if unknown:
+            raise UserError(f"the NumPyro twin has parameters the Pyro model does not create ({', '.join(unknown[:3])}); "
+                            "a twin's numpyro.param names must be the Pyro parameter-store names")
+        self.state = self.svi.init(jax.random.PRNGKey(seed), *args, **kwargs,
+                                   init_params={k: jnp.asarray(init_params[k]) for k in names})
+        n = self.n
+
+        def full_step(state, x):
+            return self.svi.update(state, x)
+
+        def batch_step(state, x, idx):
+            a, kw = call_args(twin_model, x, idx, n)
+            return self.svi.update(state, *a, **kw)
+
+        self._full, self._batch = jax.jit(full_step), jax.jit(batch_step)
+
+    def _args(self, t: int):
+        idx = self.schedule(t)
+        return call_args(self.model, self.x, None if idx is None else to_jax(idx), self.n)
+
+    def _param_names(self, args, kwargs) -> list[str]:
+        import jax
+        from numpyro import handlers
+
+        names = []
+        for fn in (self.guide, self.model):
+            tr = handlers.trace(handlers.seed(fn, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+            names += [k for k, s in tr.items() if s["type"] == "param" and k not in names]
+        return names
+
+    def step(self, t: int) -> float:
+        """One jitted SVI step; returns -ELBO per data point (the batch's estimate)."""
+        idx = self.schedule(t)
+        if idx is None:
+            self.state, loss = self._full(self.state, self.x)
+        else:
+            self.state, loss = self._batch(self.state, self.x, to_jax(idx))
+        value = float(loss)
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the loss became {value} at step {t}")
+        return value / self.n
+
+    def params(self) -> dict:
+        """Constrained parameter values (numpy), as Pyro's store holds them."""
+        import numpy as np
+
+        return {k: np.asarray(v) for k, v in self.svi.get_params(self.state).items()}
+
+    # -- checkpoint state: torch tensors only, so weights_only loading works -----------
+    def state_dict(self, step: int) -> dict:
+        import jax
+        import numpy as np
+        import torch
+
+        import pyro
+
+        _, opt = self.state.optim_state
+        T = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+        copy_to_pyro(self.params())
+        return {
+            "step": step,
+            # the layout of a Pyro checkpoint: Pyro's unconstrained store values
+            "params": {k: v.detach().cpu().clone() for k, v in pyro.get_param_store().named_parameters()},
+            "optimizer": {"numpyro_adam": {k: {"x": T(x), "m": T(m), "v": T(v), "t": T(t)}
+                                           for k, (x, m, v, t) in opt.items()}},
+            "rng_jax": T(np.asarray(jax.random.key_data(self.state.rng_key)).astype(np.int64)),
+            "rng_torch": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> int:
+        import jax.numpy as jnp
+        import numpy as np
+        import torch
+        from numpyro.infer.svi import SVIState
+
+        i, opt = self.state.optim_state
+        saved = state.get("optimizer", {}).get("numpyro_adam")
+        if saved is None or set(saved) != set(opt):
+            raise UserError("the checkpoint was not written by --backend numpyro with this model; "
+                            "resume with the same model options")
+        new = {}
+        for k, (x, m, v, t) in opt.items():
+            s = saved[k]
+            if tuple(s["x"].shape) != tuple(x.shape):
+                raise UserError(f"checkpoint parameter {k} has shape {tuple(s['x'].shape)}, the model makes "
+                                f"{tuple(x.shape)}; resume with the same model options")
+            new[k] = tuple(jnp.asarray(s[f].numpy(), dtype=ref.dtype) for f, ref in zip("xmvt", (x, m, v, t)))
+        key = jnp.asarray(np.asarray(state["rng_jax"].numpy(), dtype=np.uint32))
+        self.state = SVIState((jnp.asarray(int(state["step"]), dtype=jnp.asarray(i).dtype), new),
+                              self.state.mutable_state, key)
+        torch.set_rng_state(state["rng_torch"].cpu())
+        return int(state["step"])
+
+
+def numpyro_elbo(model: Callable, guide: Callable, params: dict, x, idx=None, size: int | None = None,
+                 elbo_name: str = "trace", num_particles: int = 1000, seed: int = 0) -> float:
+    """The NumPyro ELBO estimate (total, nats) at given constrained parameter values; the
+    equivalence tests set it against Pyro's at the same values."""
+    import jax
+    import jax.numpy as jnp
+
+    x = to_jax(x)
+    n = int(x.shape[0]) if size is None else size
+    args, kwargs = call_args(model, x, None if idx is None else to_jax(idx), n)
+    elbo = elbo_class(elbo_name)(num_particles=num_particles)
+    loss = elbo.loss(jax.random.PRNGKey(seed), {k: jnp.asarray(v) for k, v in params.items()},
+                     model, guide, *args, **kwargs)
+    return -float(loss)
+
+
+# ---------------------------------------------------------------- the run
+def run(cfg, mf):
+    """``inference.svi.run`` for ``--backend numpyro``: same inputs, same run folder, same metrics."""
+    require_numpyro()
+    import pyro
+    import torch
+    from tqdm.auto import tqdm
+
+    from inference.svi import _last_seconds
+    from ppl_gen import plotting
+    from ppl_gen.device import resolve_device, seed_everything
+    from ppl_gen.rundir import RunFolder, default_out_dir, package_versions
+    from ppl_gen.train import FittedRun, Trainer, evaluate_elbo, make_elbo
+
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    options = mf.options(cfg.options)
+    dataset = mf.data(cfg.data, options).to(device)
+
+    pyro.clear_param_store()
+    seed_everything(cfg.seed)
+    spec = mf.build(options, dataset, elbo=cfg.elbo)
+    guide_name = cfg.guide or spec.default_guide
+    guide = spec.guide(guide_name)
+    if spec.updates.get(guide_name):
+        raise UserError(f"guide {guide_name!r} is fitted by closed-form updates, which run on the Pyro side "
+                        "only; use --backend pyro for it")
+    elbo_class(cfg.elbo)  # an unsupported --elbo fails before any work
+    twin = load_twin(mf, options, dataset)
+    tguide = twin_guide(twin, guide_name, mf.path.name)
+    # The Pyro side creates the parameters exactly as a Pyro run would (same seed, same
+    # initializers): that is NumPyro's starting point, and where evaluation reads them back.
+    pyro_side = Trainer(spec.model, guide, dataset.train, make_elbo(cfg.elbo), lr=cfg.lr,
+                        batch_size=cfg.batch_size, seed=cfg.seed, local_params=spec.local_params,
+                        local_lr=spec.local_lr)
+    pyro_side.init_params()
+    trainer = NumpyroTrainer(twin.model, tguide, to_jax(dataset.train), pyro_side.schedule, cfg.elbo, cfg.lr,
+                             cfg.seed, pyro_params(), cfg.num_particles,
+                             local_params=tuple(set(twin.local_params) | set(spec.local_params)),
+                             local_lr=spec.local_lr)
+
+    folder = RunFolder(cfg.out or default_out_dir(mf.name)).create()
+    start, seconds0 = 0, 0.0
+    if cfg.resume:
+        start = trainer.load_state_dict(folder.load_checkpoint(map_location="cpu"))
+        if start >= cfg.steps:
+            raise UserError(f"the run in {folder.path} already has {start} steps; "
+                            f"give --steps larger than {start}")
+        folder.start_trace(keep_until_step=start)
+        rows = folder.read_trace()
+        seconds0 = float(rows[-1]["seconds"]) if rows else 0.0
+        config = folder.read_json("config.json")
+        config.setdefault("resumed", []).append({"from_step": start, "to_step": cfg.steps,
+                                                 "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        config["settings"]["steps"] = cfg.steps
+        config["settings"]["lr"] = cfg.lr
+    else:
+        import jax
+
+        folder.start_trace()
+        config = {"settings": dataclasses.asdict(cfg), "model": mf.name, "guide": guide_name,
+                  "device": str(device),
+                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "jax_device": str(jax.devices()[0]), "jax_x64": bool(twin.x64),
+                  "data": {"name": dataset.name, "train": len(dataset.train),
+                           "test": 0 if dataset.test is None else len(dataset.test), **dataset.meta},
+                  "batch_size_used": pyro_side.schedule.batch_size,
+                  "versions": package_versions(), "argv": sys.argv,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        config["settings"]["options"] = dataclasses.asdict(options) if options else {}
+    folder.write_json("config.json", config)
+
+    eval_every = cfg.eval_every or max(cfg.steps // 10, 1)
+
+    def evaluate():
+        """Held-out ELBO per point, on the Pyro side with the NumPyro values copied in."""
+        if dataset.test is None:
+            return None
+        copy_to_pyro(trainer.params())
+        test_guide = spec.heldout_guide(guide_name, dataset.test) if spec.heldout_guide else guide
+        return evaluate_elbo(spec.model, test_guide, dataset.test, cfg.elbo, cfg.eval_particles, seed=cfg.seed)
+
+    rows, last_ckpt, t = [], (start if cfg.resume else None), start
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{mf.name}/{guide_name} (numpyro)",
+               disable=not cfg.progress, dynamic_ncols=True, mininterval=0.25)
+    clock, paused, running = time.perf_counter(), 0.0, None
+    try:
+        for t in range(start + 1, cfg.steps + 1):
+            loss = trainer.step(t)
+            running = -loss if running is None else 0.98 * running - 0.02 * loss
+            # training seconds include JIT compilation (the first step) and exclude evaluation
+            row = {"step": t, "loss": loss, "seconds": seconds0 + time.perf_counter() - clock - paused,
+                   "test_elbo": ""}
+            if t % eval_every == 0 or t == cfg.steps:
+                pause = time.perf_counter()
+                row["test_elbo"] = "" if dataset.test is None else evaluate()
+                folder.save_checkpoint(trainer.state_dict(t))
+                last_ckpt = t
+                paused += time.perf_counter() - pause
+            rows.append(row)
+            if t % eval_every == 0 or t == cfg.steps:
+                folder.append_trace(rows)
+                rows = []
+            if t % 10 == 0 or t == cfg.steps:
+                bar.set_postfix(elbo=f"{running:.3f}", refresh=False)
+            bar.update(1)
+    except TrainingDiverged as e:
+        folder.append_trace(rows)
+        where = (f"the last good checkpoint (step {last_ckpt}) is in {folder.checkpoint_path}"
+                 if last_ckpt else "no checkpoint had been written yet")
+        raise UserError(f"{e}; the run stopped and {where}; try a smaller --lr") from None
+    except KeyboardInterrupt:
+        folder.append_trace(rows)
+        print(f"\ninterrupted at step {t}; checkpoint of step {last_ckpt} in {folder.path}; "
+              f"continue with --resume {folder.path}", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        bar.close()
+    seconds = _last_seconds(folder) or 0.0
+
+    copy_to_pyro(trainer.params())
+    fitted = FittedRun(spec=spec, guide_name=guide_name, dataset=dataset, options=options, device=device,
+                       config=config, out=folder.path, trace=folder.read_trace())
+    test_guide = (spec.heldout_guide(guide_name, dataset.test)
+                  if spec.heldout_guide and dataset.test is not None else guide)
+    metrics: dict[str, Any] = {
+        "model": mf.name, "guide": guide_name, "elbo": cfg.elbo, "jit": cfg.jit, "steps": cfg.steps,
+        "seconds": seconds, "seconds_per_step": seconds / cfg.steps,
+        "n_parameters": sum(p.numel() for _, p in pyro.get_param_store().named_parameters()),
+        "device": str(device), "seed": cfg.seed,
+        "train_elbo": evaluate_elbo(spec.model, guide, dataset.train, cfg.elbo, cfg.eval_particles, seed=cfg.seed),
+        "test_elbo": None if dataset.test is None else evaluate_elbo(
+            spec.model, test_guide, dataset.test, cfg.elbo, cfg.eval_particles, seed=cfg.seed),
+        "elbo_units": "nats per data point",
+        "eval_particles": cfg.eval_particles,
+    }
+    if spec.evaluate:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            seed_everything(cfg.seed)
+            metrics.update(spec.evaluate(fitted) or {})
+    folder.write_json("metrics.json", metrics)
+
+    plotting.elbo_curve(fitted.trace, folder.path / "elbo.png",
+                        title=f"{mf.name} / {guide_name} / {cfg.elbo} (numpyro)")
+    if spec.plots:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            seed_everything(cfg.seed)
+            spec.plots(fitted, folder.path)
+    try:  # posterior.nc, drawn from the Pyro guide holding the NumPyro values (the ArviZ work)
+        from ppl_gen.posterior import save_guide_posterior
+    except ImportError:
+        save_guide_posterior = None
+    if save_guide_posterior is not None:
+        save_guide_posterior(fitted, folder.path / "posterior.nc", seed=cfg.seed)
+    return fitted, metrics
