@@ -1,0 +1,312 @@
+"""Latent Dirichlet allocation with explicit mean-field, amortized and CAVI inference
+(Blei, Ng & Jordan 2003, "Latent Dirichlet Allocation", JMLR 3).
+
+Generative process (the lecture's), K topics over V words:
+
+    beta_k ~ Dir(eta)                 k = 1..K        topics
+    theta_m ~ Dir(alpha)              m = 1..D        topic proportions of document m
+    z_mn ~ Cat(theta_m)               n = 1..N_m      topic of word n
+    x_mn ~ Cat(beta_{z_mn})                           the word
+
+A document is its bag of words: counts n_mv (a row of the data). Word order does not
+matter to the model, so the tokens of word v in document m form one (m, v) pair that
+carries weight n_mv (``poutine.scale``): ragged documents, no padding.
+
+Variational family, the lecture's "uncollapsed variational inference, aka explicit V.I.":
+
+    q(beta, theta, z) = prod_k Dir(beta_k | lambda_k) prod_m Dir(theta_m | gamma_m) prod_mn Cat(z_mn | phi_mn)
+
+Three guides, ``--guide NAME``, for the same q(beta) and q(z):
+
+* ``explicit``: one free gamma_m per training document, trained with SVI on minibatches of
+  documents (only the batch's rows move, RowwiseAdam);
+* ``amortized``: an encoder network maps a document's counts to gamma_m, a Dirichlet q(theta)
+  (AVITM-style inference for the LDA model, Srivastava & Sutton 2017, "Autoencoding
+  Variational Inference for Topic Models", ICLR; they used a logistic-normal because Dirichlet
+  samples were not yet reparameterizable; Pyro's Dirichlet is, by implicit gradients);
+* ``cavi``: the closed-form coordinate-ascent updates of Blei et al. (2003) (stochastic
+  form with minibatches, Hoffman et al. 2013), in Pyro's parameter store: the reference.
+
+The expectation over z is exact, never a score-function estimate: z is enumerated in the
+guide (``TraceEnum_ELBO``, ``--elbo enum``, this file's default), and q(z_mn) = Cat(phi_mn) is
+set to its coordinate optimum phi_mvk ∝ exp(E[log theta_mk] + E[log beta_kv]) at every step
+(as Hoffman et al.'s SVI does), so the ELBO is the lecture's mean-field ELBO maximized over phi.
+theta and beta are sampled by reparameterization.
+
+Data: ``reuters`` (default, the PyPI package lda's 395 documents), ``synthetic`` (drawn from
+this model: ``--docs --vocab --topics --words``), a folder of .txt files, ``file.csv:column``,
+or an .npz with ``counts``. Metrics: held-out perplexity by document completion (Wallach et
+al. 2009), NPMI coherence (Lau et al. 2014), topic recovery on synthetic data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.ops.indexing import Vindex
+from torch import nn
+
+from ppl_gen import Dataset, Spec, UserError, data_plate
+from ppl_gen import corpus as corpora
+from ppl_gen import lda
+
+
+@dataclass
+class Options:
+    topics: int = field(default=20, metadata={"help": "K, the number of topics"})
+    alpha: float = field(default=0.1, metadata={"help": "Dirichlet prior on each theta_m (symmetric)"})
+    eta: float = field(default=0.01, metadata={"help": "Dirichlet prior on each topic beta_k (symmetric)"})
+    docs: int = field(default=2000, metadata={"help": "--data synthetic: documents to draw (train + held-out)"})
+    vocab: int = field(default=500, metadata={"help": "--data synthetic: V, words in the vocabulary"})
+    words: int = field(default=100, metadata={"help": "--data synthetic: words per document"})
+    test_fraction: float = field(default=0.2, metadata={"help": "share of documents held out (fixed split)"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the train/held-out split and synthetic draws"})
+    min_df: int = field(default=2, metadata={"help": "text data: drop words in fewer training documents"})
+    max_df: float = field(default=0.5, metadata={"help": "text data: drop words in more than this share of them"})
+    hidden: int = field(default=100, metadata={"help": "width of the amortized encoder's two hidden layers"})
+    local_lr: float = field(default=0.1, metadata={
+        "help": "Adam rate of the explicit guide's per-document log gamma (training and held-out fits)"})
+    local_steps: int = field(default=200, metadata={
+        "help": "Adam steps that fit gamma of a new document (explicit guide) with the topics fixed"})
+    cavi_iters: int = field(default=100, metadata={"help": "most E-step sweeps per CAVI step"})
+    infer_docs: int = field(default=1000, metadata={
+        "help": "documents timed for 'seconds to infer theta of 1,000 new documents' (scaled to 1,000)"})
+
+    def validate(self):
+        if self.topics < 1:
+            raise UserError(f"--topics must be at least 1, got {self.topics}")
+        for name in ("alpha", "eta", "local_lr"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("docs", "vocab", "words", "hidden", "local_steps", "cavi_iters", "infer_docs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.test_fraction < 1:
+            raise UserError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+
+
+# full-batch steps on Reuters (316 training documents); Adam on log lambda and log gamma.
+DEFAULTS = {"elbo": "enum", "steps": 1500, "lr": 0.05}
+
+# the corpora this process loaded, so build() finds their vocabulary and true topics
+_CORPORA: dict[str, corpora.Corpus] = {}
+
+
+def data(spec: str | None = None, options: Options | None = None) -> Dataset:
+    o = options or Options()
+    spec = spec or "reuters"
+    if spec == "reuters":
+        c = corpora.load_reuters(o.test_fraction, o.data_seed)
+    elif spec == "synthetic":
+        c = corpora.load_synthetic(o.docs, o.vocab, o.topics, o.words, o.alpha, o.eta, o.test_fraction, o.data_seed)
+    elif spec.endswith(".npz"):
+        c = corpora.load_npz(spec, o.test_fraction, o.data_seed)
+    else:
+        c = corpora.load_texts(spec, o.min_df, o.max_df, o.test_fraction, o.data_seed)
+    key = f"{spec}:{id(c)}"
+    _CORPORA[key] = c
+    test = c.test if c.test is not None and len(c.test) else None
+    return Dataset(train=c.train, test=test, name=c.name,
+                   meta={"corpus": key, "vocab_size": len(c.vocab), "train_tokens": int(c.train.sum()),
+                         "test_tokens": 0 if test is None else int(test.sum()), **c.meta})
+
+
+# theta and beta are sampled in float64: a Dirichlet draw with concentrations near alpha = 0.1
+# or eta = 0.01 underflows float32 (P[Gamma(0.01) < 1e-38] is about 0.4), and the
+# reparameterized gradient of an underflowed draw is NaN; float64's range makes it negligible
+F64 = torch.float64
+
+
+class Encoder(nn.Module):
+    """Counts x_m -> gamma_m = alpha + N_m softmax(f(log(1 + x_m))).
+
+    The form of the CAVI fixed point, gamma_m = alpha + sum_v n_mv phi_mv, whose entries
+    sum to K alpha + N_m: the network only says how the document's N_m words split over topics."""
+
+    def __init__(self, V: int, hidden: int, K: int, alpha: float):
+        super().__init__()
+        self.alpha = alpha
+        self.net = nn.Sequential(nn.Linear(V, hidden), nn.Softplus(), nn.Linear(hidden, hidden), nn.Softplus(),
+                                 nn.Linear(hidden, K))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha + x.sum(-1, keepdim=True) * torch.softmax(self.net(torch.log1p(x)), -1)
+
+
+class LDA:
+    def __init__(self, V: int, options: Options, device, seed: int = 0):
+        self.K, self.V, self.options = options.topics, V, options
+        self.alpha, self.eta = options.alpha, options.eta
+        self.encoder = Encoder(V, options.hidden, self.K, self.alpha).to(device)
+        # every scheme starts from the same random topics, lambda ~ Gamma(100, 1/100) as in
+        # Hoffman et al. 2013 and scikit-learn: near-uniform, with the noise that breaks symmetry
+        g = torch.Generator().manual_seed(seed)
+        self.lambda0 = torch._standard_gamma(torch.full((self.K, V), 100.0, dtype=torch.float64),
+                                             generator=g).div(100).float().to(device)
+
+    # -- model -------------------------------------------------------------------
+    def model(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
+        with pyro.plate("topics", self.K):
+            beta = pyro.sample("beta", dist.Dirichlet(x.new_full((self.V,), self.eta, dtype=F64)))  # [K, V]
+        with data_plate(x, idx, size, name="documents"):
+            theta = pyro.sample("theta", dist.Dirichlet(x.new_full((self.K,), self.alpha, dtype=F64)))  # [B, K]
+        m, v, n = lda.word_pairs(x)
+        with self._words(n, x, idx, size):
+            z = pyro.sample("z", dist.Categorical(theta[m]))
+            # log p(x_mn = v | z_mn, beta) = log beta_{z_mn, v}; z is enumerated, shape [K, 1]
+            pyro.factor("x", Vindex(beta)[z, v].log())
+
+    @staticmethod
+    def _words(n, x, idx, size):
+        """The plate of (m, v) pairs, each weighted by its count n_mv (and by D / B in a minibatch)."""
+        scale = 1.0 if idx is None else size / x.shape[0]
+        return _Both(pyro.plate("words", len(n)), poutine.scale(scale=n.to(F64) * scale))
+
+    def _q_beta(self, x):
+        # lambda_kv = eta + expected counts >= eta at every CAVI step and at the optimum, so the
+        # family is lambda > eta: SVI noise cannot drive it to the tiny concentrations where
+        # Dirichlet samples underflow
+        lam = pyro.param("lambda", lambda: self.eta + self.lambda0.clone(),
+                         constraint=dist.constraints.greater_than(self.eta))
+        with pyro.plate("topics", self.K):
+            pyro.sample("beta", dist.Dirichlet(lam.double()))
+        return lam
+
+    def _q_z(self, x, idx, size, gamma, lam):
+        """q(z_mn) = Cat(phi_mn) at its optimum given gamma and lambda, enumerated exactly."""
+        m, v, n = lda.word_pairs(x)
+        phi = lda.phi_optimal(gamma.detach().to(F64), lam.detach().to(F64), m, v)
+        with self._words(n, x, idx, size):
+            pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})
+
+    # -- guides --------------------------------------------------------------------
+    def explicit(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
+        """q(theta_m) = Dir(gamma_m) with free gamma_m per training document."""
+        lam = self._q_beta(x)
+        D = x.shape[0] if size is None else size
+        with data_plate(x, idx, size, name="documents"):
+            gamma = pyro.param("gamma", lambda: self._gamma0(D, x),  # gamma_mk = alpha + counts >= alpha
+                               constraint=dist.constraints.greater_than(self.alpha), event_dim=1)
+            pyro.sample("theta", dist.Dirichlet(gamma.double()))
+        self._q_z(x, idx, size, gamma, lam)
+
+    def _gamma0(self, D, x):
+        g = torch.Generator().manual_seed(1)
+        return self.alpha + torch._standard_gamma(torch.full((D, self.K), 100.0), generator=g).div(100).to(x.device)
+
+    def amortized(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
+        """q(theta_m) = Dir(gamma_m) with gamma_m = encoder(x_m)."""
+        pyro.module("encoder", self.encoder)
+        lam = self._q_beta(x)
+        with data_plate(x, idx, size, name="documents"):
+            gamma = self.encoder(x)
+            pyro.sample("theta", dist.Dirichlet(gamma.double()))
+        self._q_z(x, idx, size, gamma, lam)
+
+    def fixed(self, gamma: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
+        """The mean-field guide with given gamma rows (for held-out documents)."""
+        lam = self._q_beta(x)
+        gamma = gamma if idx is None else gamma[idx]
+        with data_plate(x, idx, size, name="documents"):
+            pyro.sample("theta", dist.Dirichlet(gamma.double()))
+        self._q_z(x, idx, size, gamma, lam)
+
+    # -- CAVI -----------------------------------------------------------------------
+    @torch.no_grad()
+    def cavi_update(self, x: torch.Tensor, idx: torch.Tensor | None, size: int, t: int) -> float:
+        """One coordinate-ascent sweep (E-step on the batch, then lambda); returns -ELBO."""
+        store = pyro.get_param_store()
+        lam, gamma = pyro.param("lambda").detach(), pyro.param("gamma").detach().clone()
+        rows = slice(None) if idx is None else idx
+        lam, gamma[rows] = lda.cavi_step(x, lam, None if t == 1 else gamma[rows], self.alpha, self.eta,
+                                         size=None if idx is None else size, t=t, iters=self.options.cavi_iters)
+        # strictly inside lambda > eta, gamma > alpha, where the store's log(lambda - eta) is finite
+        store["lambda"] = torch.maximum(lam, torch.nextafter(lam.new_tensor(self.eta), lam.new_tensor(1.0)) * 1.0001)
+        store["gamma"] = torch.maximum(gamma, gamma.new_tensor(self.alpha) * 1.0001)
+        return -lda.elbo(x, gamma[rows], lam, self.alpha, self.eta, None if idx is None else size).item()
+
+    # -- each scheme's own inference of theta for new documents -------------------------
+    @torch.no_grad()
+    def infer_gamma(self, guide_name: str, x: torch.Tensor) -> torch.Tensor:
+        lam = pyro.param("lambda").detach()
+        if guide_name == "amortized":
+            return self.encoder(x)
+        if guide_name == "explicit":
+            return lda.fit_gamma(x, lam, self.alpha, self.options.local_steps, self.options.local_lr)
+        return lda.e_step(x, lam, self.alpha, iters=self.options.cavi_iters)[0]
+
+    def heldout_guide(self, guide_name: str, x: torch.Tensor):
+        if guide_name == "amortized":
+            return self.amortized
+        return partial(self.fixed, self.infer_gamma(guide_name, x))
+
+    # -- evaluation ----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, run) -> dict:
+        name, ds = run.guide_name, run.dataset
+        lam = pyro.param("lambda").detach()
+        train = ds.train
+        gamma = self.encoder(train) if name == "amortized" else pyro.param("gamma").detach()
+        out = {"train_elbo_per_token": lda.elbo(train, gamma, lam, self.alpha, self.eta).item() / train.sum().item(),
+               "npmi": lda.npmi(lam, train).mean().item(),
+               "local_parameters_per_document": 0 if name == "amortized" else self.K}
+        if ds.test is not None:
+            out.update(lda.document_completion(lambda h: self.infer_gamma(name, h), lam, ds.test))
+            reps = -(-self.options.infer_docs // len(ds.test))
+            new = ds.test.repeat(reps, 1)[: self.options.infer_docs]
+            start = time.perf_counter()
+            self.infer_gamma(name, new)
+            if new.is_cuda:
+                torch.cuda.synchronize(new.device)
+            out["infer_seconds_1000"] = (time.perf_counter() - start) * 1000 / len(new)
+        true = self.corpus.true_topics if self.corpus is not None else None
+        if true is not None:
+            out["topic_tv"], _ = lda.topic_tv(lam, true)
+        return out
+
+    def plots(self, run, out: Path) -> list[Path]:
+        lam = pyro.param("lambda").detach().cpu()
+        vocab = self.corpus.vocab if self.corpus is not None else [f"w{v}" for v in range(self.V)]
+        return [lda.top_words_figure(lam, vocab, out / "topics.png",
+                                 f"top words of each topic (E[beta_k] = lambda_k / sum lambda_k), {run.guide_name}",
+                                 coherence=lda.npmi(lam.to(run.dataset.train.device), run.dataset.train).cpu())]
+
+
+class _Both:
+    """Enter two context managers as one (a plate and a scale)."""
+
+    def __init__(self, *managers):
+        self.managers = managers
+
+    def __enter__(self):
+        for m in self.managers:
+            m.__enter__()
+
+    def __exit__(self, *exc):
+        for m in reversed(self.managers):
+            m.__exit__(*exc)
+
+
+def build(options: Options, dataset: Dataset, elbo: str | None = None) -> Spec:
+    if elbo not in (None, "enum"):
+        raise UserError(f"models/lda.py sums over the topic assignments z exactly; use --elbo enum "
+                        f"(its default), not --elbo {elbo}")
+    o = options or Options()
+    x = dataset.train
+    if (x < 0).any() or (x != x.round()).any():
+        raise UserError("LDA needs non-negative integer word counts as data")
+    model = LDA(x.shape[-1], o, x.device)
+    model.doc_lengths = x.sum(-1).cpu()
+    model.corpus = _CORPORA.get(dataset.meta.get("corpus", ""))
+    return Spec(model=model.model,
+                guides={"explicit": model.explicit, "amortized": model.amortized, "cavi": model.explicit},
+                updates={"cavi": model.cavi_update}, evaluate=model.evaluate, plots=model.plots,
+                local_params=("gamma",), local_lr=o.local_lr, heldout_guide=model.heldout_guide,
+                description=__doc__.split("\n")[0])

@@ -1,0 +1,205 @@
+"""Corpora as bag-of-words count matrices, for topic models.
+
+A corpus is a float tensor ``counts[m, v]``: how often word v occurs in document m (rows
+are documents, so the runner minibatches documents). The word order inside a document
+does not matter to LDA (Blei, Ng & Jordan 2003, "Latent Dirichlet Allocation", JMLR 3),
+so the counts are the data, with no padding of ragged documents.
+
+Sources (``--data SPEC``):
+
+* ``reuters`` (default): the 395 Reuters articles (4,258 words, 84,010 tokens) that the
+  PyPI package ``lda`` ships;
+* ``synthetic``: documents drawn from the LDA model itself, with known topics;
+* a folder of ``.txt`` files (one document each), or ``file.csv[:column]`` (one document
+  per row; column ``text`` by default), tokenized with stop words and frequency pruning;
+* ``file.npz`` with an array ``counts`` (documents x words) and optionally ``vocab``.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+@dataclass
+class Corpus:
+    train: torch.Tensor              # [D_train, V] counts
+    test: torch.Tensor | None        # [D_test, V] counts
+    vocab: list[str]
+    name: str
+    true_topics: torch.Tensor | None = None   # [K, V], synthetic corpora only
+    meta: dict = field(default_factory=dict)
+
+
+def check_counts(counts: np.ndarray, source: str) -> np.ndarray:
+    """Counts must be finite, non-negative integers; empty documents are dropped with a
+    warning on stderr (they carry no evidence about the topics)."""
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise UserError(f"{source}: counts must be a 2-d array (documents x words), got shape {counts.shape}; "
+                        "store one row per document")
+    if not np.issubdtype(counts.dtype, np.number):
+        raise UserError(f"{source}: counts must be numbers, got dtype {counts.dtype}")
+    if not np.all(np.isfinite(counts)):
+        raise UserError(f"{source}: counts contain NaN or infinity; give non-negative integer word counts")
+    if (counts < 0).any():
+        m, v = np.argwhere(counts < 0)[0]
+        raise UserError(f"{source}: negative count {counts[m, v]} (document {m}, word {v}); "
+                        "word counts must be non-negative integers")
+    if (counts != np.round(counts)).any():
+        m, v = np.argwhere(counts != np.round(counts))[0]
+        raise UserError(f"{source}: non-integer count {counts[m, v]} (document {m}, word {v}); "
+                        "LDA needs whole word counts, not frequencies or tf-idf weights")
+    empty = counts.sum(1) == 0
+    if empty.all():
+        raise UserError(f"{source}: every document is empty; check the data or the pruning options")
+    if empty.any():
+        print(f"warning: {source}: skipped {int(empty.sum())} empty document(s) "
+              f"(first: row {int(np.argmax(empty))})", file=sys.stderr)
+        counts = counts[~empty]
+    return counts
+
+
+def split(counts: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents into train and held-out sets, by a fixed permutation."""
+    perm = np.random.default_rng(seed).permutation(len(counts))
+    n_test = int(round(test_fraction * len(counts)))
+    return counts[perm[n_test:]], counts[perm[:n_test]]
+
+
+def load_reuters(test_fraction: float = 0.2, seed: int = 0) -> Corpus:
+    try:
+        import lda.datasets
+    except ImportError:
+        raise UserError("the Reuters corpus comes with the PyPI package lda: pip install lda") from None
+    counts = check_counts(lda.datasets.load_reuters(), "reuters")
+    train, test = split(counts, test_fraction, seed)
+    return Corpus(torch.tensor(train, dtype=torch.float32), torch.tensor(test, dtype=torch.float32),
+                  list(lda.datasets.load_reuters_vocab()), "reuters")
+
+
+def sample_corpus(docs: int, vocab: int, topics: int, words: int, alpha: float, eta: float,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Documents drawn from LDA itself: beta_k ~ Dir(eta), theta_m ~ Dir(alpha),
+    z_mn ~ Cat(theta_m), x_mn ~ Cat(beta_{z_mn}); returns (counts [docs, vocab], beta).
+    Sampled in float64 so that a tiny eta gives tiny probabilities, not log 0."""
+    g = torch.Generator().manual_seed(seed)
+    gamma = lambda conc: torch._standard_gamma(conc, generator=g)  # noqa: E731
+    beta = gamma(torch.full((topics, vocab), eta, dtype=torch.float64)).clamp(min=1e-300)
+    beta = beta / beta.sum(-1, keepdim=True)
+    theta = gamma(torch.full((docs, topics), alpha, dtype=torch.float64)).clamp(min=1e-300)
+    theta = theta / theta.sum(-1, keepdim=True)
+    # given theta and beta the words of a document are Multinomial(N, theta_m @ beta)
+    counts = torch.stack([torch.bincount(torch.multinomial(p, words, replacement=True, generator=g),
+                                         minlength=vocab) for p in theta @ beta])
+    return counts.float(), beta.float()
+
+
+def load_synthetic(docs: int, vocab: int, topics: int, words: int, alpha: float, eta: float,
+                   test_fraction: float = 0.2, seed: int = 0) -> Corpus:
+    counts, beta = sample_corpus(docs, vocab, topics, words, alpha, eta, seed)
+    train, test = split(counts.numpy(), test_fraction, seed)
+    return Corpus(torch.from_numpy(train), torch.from_numpy(test), [f"w{v}" for v in range(vocab)],
+                  "synthetic", true_topics=beta)
+
+
+def read_texts(spec: str) -> tuple[list[str], str]:
+    """Documents from a folder of .txt files or a CSV column (``file.csv:column``)."""
+    path, _, column = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    p = Path(path)
+    if p.is_dir():
+        texts = []
+        for f in sorted(p.glob("*.txt")):
+            try:
+                texts.append(f.read_text(errors="replace"))
+            except OSError:
+                continue
+        if not texts:
+            raise UserError(f"folder {p} has no readable .txt files; put one document per .txt file in it")
+        return texts, p.name
+    if p.suffix.lower() == ".csv" and p.is_file():
+        column = column or "text"
+        with open(p, newline="", errors="replace") as f:
+            reader = csv.DictReader(f)
+            if column not in (reader.fieldnames or []):
+                raise UserError(f"{p} has no column {column!r} (columns: {', '.join(reader.fieldnames or [])}); "
+                                f"give --data {p}:COLUMN")
+            texts = [row[column] or "" for row in reader]
+        if not texts:
+            raise UserError(f"{p} has no rows")
+        return texts, p.stem
+    raise UserError(f"--data {spec}: not reuters, synthetic, a folder of .txt files, a .csv or an .npz; "
+                    "give one of those")
+
+
+def load_texts(spec: str, min_df: int = 2, max_df: float = 0.5, test_fraction: float = 0.2,
+               seed: int = 0) -> Corpus:
+    """Tokenize with scikit-learn's CountVectorizer: English stop words out, words in fewer
+    than ``min_df`` training documents or in more than ``max_df`` of them pruned. The
+    vocabulary comes from the training documents only; held-out words outside it are
+    ignored and counted (``meta['heldout_oov_tokens']``)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    texts, name = read_texts(spec)
+    perm = np.random.default_rng(seed).permutation(len(texts))
+    n_test = int(round(test_fraction * len(texts)))
+    train_texts = [texts[i] for i in perm[n_test:]]
+    test_texts = [texts[i] for i in perm[:n_test]]
+    vectorizer = CountVectorizer(stop_words="english", min_df=min(min_df, max(len(train_texts), 1)),
+                                 max_df=max_df if len(train_texts) > 2 else 1.0)
+    try:
+        train = vectorizer.fit_transform(train_texts).toarray()
+    except ValueError as e:  # empty vocabulary
+        raise UserError(f"--data {spec}: no words left after stop words and pruning ({e}); "
+                        "use more documents or a smaller --min-df") from None
+    train = check_counts(train, spec)
+    vocab = list(vectorizer.get_feature_names_out())
+    test, oov = None, 0
+    if test_texts:
+        test = vectorizer.transform(test_texts).toarray()
+        analyze = vectorizer.build_analyzer()
+        oov = int(sum(len(analyze(t)) for t in test_texts) - test.sum())
+        test = check_counts(test, f"{spec} (held-out)") if test.sum() > 0 else None
+    c = Corpus(torch.tensor(train, dtype=torch.float32),
+               None if test is None else torch.tensor(test, dtype=torch.float32), vocab, name)
+    c.meta["heldout_oov_tokens"] = oov
+    return c
+
+
+def load_npz(path: str, test_fraction: float = 0.2, seed: int = 0) -> Corpus:
+    try:
+        arrays = np.load(path, allow_pickle=False)
+        counts = arrays["counts"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: cannot read an array 'counts' from it ({e}); save one with "
+                        "numpy.savez(path, counts=...)") from None
+    vocab = [str(w) for w in arrays["vocab"]] if "vocab" in arrays else [f"w{v}" for v in range(counts.shape[-1])]
+    train, test = split(check_counts(counts, path), test_fraction, seed)
+    return Corpus(torch.tensor(train, dtype=torch.float32), torch.tensor(test, dtype=torch.float32),
+                  vocab, Path(path).stem)
+
+
+def document_halves(counts: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each document's tokens at random into two halves (Wallach et al. 2009,
+    document completion): the first floor(N_m / 2) tokens of a random order, and the rest.
+    Deterministic given the seed; returns two count matrices that add up to ``counts``."""
+    D, V = counts.shape
+    n = counts.round().long().cpu()
+    doc = torch.arange(D).repeat_interleave(n.sum(1))
+    word = torch.arange(V).repeat(D).repeat_interleave(n.reshape(-1))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.argsort(doc.double() + torch.rand(len(doc), generator=g, dtype=torch.float64))
+    doc, word = doc[order], word[order]
+    start = torch.cumsum(n.sum(1), 0) - n.sum(1)
+    first = (torch.arange(len(doc)) - start[doc]) < n.sum(1)[doc] // 2
+    half = torch.zeros(D * V, dtype=torch.float64)
+    half.index_add_(0, doc[first] * V + word[first], torch.ones(int(first.sum()), dtype=torch.float64))
+    first_half = half.reshape(D, V).to(counts)
+    return first_half, counts - first_half
