@@ -41,12 +41,21 @@ GAP_COLUMNS = [
 
 def _guides_flag(parser):
     parser.add_argument("--guides", help="comma-separated guide names (default: every guide the file declares)")
+    from . import mcmc
+    mcmc.add_flags(parser)
 
 
-def choose_guides(requested: str | None, available: list[str], model_name: str) -> list[str]:
+def choose_guides(requested: str | None, available: list[str], model_name: str, mcmc: bool = False) -> list[str]:
+    if mcmc:  # VI against MCMC: one guide is a comparison
+        names = [g.strip() for g in (requested or "").split(",") if g.strip()] or list(available)
+        unknown = [g for g in names if g not in available]
+        if unknown:
+            raise UserError(f"unknown guide {unknown[0]!r} in --guides; {model_name} has: {', '.join(available)}")
+        return names
     if len(available) < 2:
         raise UserError(f"{model_name} declares only {len(available)} guide ({', '.join(available)}); "
-                        "inference.compare needs a model file with at least two (guides = {...})")
+                        "inference.compare needs a model file with at least two (guides = {...}), "
+                        "or --mcmc to compare it against MCMC")
     if not requested:
         return list(available)
     names = [g.strip() for g in requested.split(",") if g.strip()]
@@ -77,7 +86,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, rule, *body])
 
 
-def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str]) -> None:
+def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str], mcmc_ref: dict | None = None) -> None:
     from ppl_gen import plotting
 
     (out / "compare.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, default=str) + "\n")
@@ -99,6 +108,13 @@ def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str]) -
     for r in rows:
         pngs = sorted(p.name for p in (out / r["guide"]).glob("*.png"))
         lines.append(f"- {r['guide']}: " + ", ".join(f"[{p}]({r['guide']}/{p})" for p in pngs))
+    if mcmc_ref is not None:  # VI against a NUTS reference, with ArviZ
+        from . import mcmc
+
+        section, info = mcmc.report(out, rows, mcmc_ref)
+        lines += ["", *section]
+        mcmc.write_json_section(out / "compare.json", info)
+        mcmc_ref["info"] = info
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     plotting.compare_curves({r["guide"]: _read_trace(out / r["guide"]) for r in rows}, out / "compare_elbo.png")
     plotting.compare_bars(rows, out / "compare_heldout.png")
@@ -110,7 +126,7 @@ def _read_trace(folder: Path) -> list[dict]:
     return RunFolder(folder).read_trace()
 
 
-def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: list[str]):
+def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: list[str], mcmc_opts=None):
     import torch
 
     from ppl_gen.device import seed_everything
@@ -122,8 +138,14 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
     options = model_file.options(cfg.options)
     dataset = model_file.data(cfg.data, options)
     seed_everything(cfg.seed)
-    available = list(model_file.build(options, dataset, elbo=cfg.elbo).guides)
-    guides = choose_guides(guides_flag, available, model_file.path.name)
+    spec = model_file.build(options, dataset, elbo=cfg.elbo)
+    available = list(spec.guides)
+    guides = choose_guides(guides_flag, available, model_file.path.name, mcmc=mcmc_opts is not None)
+    if mcmc_opts is not None:  # refuse before any training: can NUTS sample this model at all?
+        from . import mcmc
+
+        mcmc.check_model(spec.model, dataset.train, model_file.path.name)
+    del spec
     del dataset
 
     out = RunFolder(cfg.out or default_out_dir(f"compare-{model_file.name}")).create().path
@@ -136,7 +158,14 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
         rows.append(metrics)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    write_report(out, rows, dataclasses.asdict(cfg), argv)
+    mcmc_ref = None
+    if mcmc_opts is not None:
+        from . import mcmc
+
+        mcmc_ref = mcmc.reference(cfg, model_file, mcmc_opts, out)
+    write_report(out, rows, dataclasses.asdict(cfg), argv, mcmc_ref)
+    if mcmc_ref is not None:
+        print(mcmc.summary_line(mcmc_ref["info"]), file=sys.stderr)
     return out, rows
 
 
@@ -148,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.guide:
             raise UserError("inference.compare takes --guides (a list), not --guide")
         cfg = svi.resolve_config(args, model_file, resumed)
-        out, rows = run_compare(cfg, model_file, args.guides, argv)
+        from . import mcmc
+
+        out, rows = run_compare(cfg, model_file, args.guides, argv, mcmc.options_from_args(args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -321,6 +321,9 @@ def run(cfg: RunConfig, model_file=None):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             seed_everything(cfg.seed)
             spec.plots(fitted, folder.path)
+    # draws of the global latents from the fitted guide, for ArviZ (none: no posterior.nc)
+    from ppl_gen.posterior import save_guide_posterior
+    save_guide_posterior(fitted, folder.path / "posterior.nc", seed=cfg.seed)
     return fitted, metrics
 
 

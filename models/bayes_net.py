@@ -311,8 +311,11 @@ def build(options: Options, dataset: Dataset) -> Spec:
     device = dataset.train.device
     if options.learn_from:
         learn = Learning(net, options, device)
+        # posterior.nc: theta_v has one dimension per parent and one for v, labelled by state names
+        dims = {f"theta_{v}": {u: net.states[u] for u in net.parents[v] + [v]} for v in net.order}
         return Spec(model=learn.model, guides={"dirichlet": learn.dirichlet_guide},
-                    evaluate=learn.evaluate, description="CPT learning with Dirichlet priors")
+                    evaluate=learn.evaluate, description="CPT learning with Dirichlet priors",
+                    posterior_dims=dims)
     evidence = resolve_evidence(net, options)
     inf = Inference(net, evidence, resolve_query(net, evidence, options), options, device)
     return Spec(model=inf.model, guides={"mean_field": inf.mean_field}, evaluate=inf.evaluate,

@@ -401,4 +401,6 @@ class HMM:
 def build(options: Options, dataset: Dataset) -> Spec:
     hmm = HMM(options, dataset)
     return Spec(model=hmm.model, guides={"meanfield": hmm.meanfield, "map": hmm.map},
-                evaluate=hmm.evaluate, plots=hmm.plots, description=__doc__.split("\n")[0])
+                evaluate=hmm.evaluate, plots=hmm.plots, description=__doc__.split("\n")[0],
+                # posterior.nc: A[states, next_state], B[states, symbol]; pi is over the states too
+                posterior_dims={"pi": ("states",), "A": ("states", "next_state"), "B": ("states", "symbol")})

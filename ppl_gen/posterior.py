@@ -156,7 +156,7 @@ def guide_draws(model: Callable, guide: Callable, x: torch.Tensor, num_draws: in
         for _ in range(num_draws):
             tr = poutine.trace(guide).get_trace(*args, **kwargs)
             for name, site in glob.items():
-                out[name].append(tr.nodes[name]["value"].reshape(site["value"].shape))
+                out[name].append(tr.nodes[name]["value"].detach().reshape(site["value"].shape))
     draws = {name: torch.stack(v).cpu().numpy() for name, v in out.items()}
     return {"draws": draws, "dims": dims, "coords": coords, "num_draws": num_draws}
 

@@ -1,0 +1,318 @@
+"""A NUTS reference posterior for ``inference.compare --mcmc``, and the VI-against-MCMC report.
+
+    python -m inference.compare models/normal_mean.py --mcmc
+    python -m inference.compare models/hmm.py --sequences 20 --length 40 --mcmc --mcmc-samples 300
+
+The No-U-Turn Sampler (Hoffman & Gelman 2014, "The No-U-Turn Sampler: adaptively setting
+path lengths in Hamiltonian Monte Carlo", JMLR 15:1593-1623; Pyro's ``pyro.infer.NUTS``)
+samples the model's posterior over its global latents; its draws are set against the
+draws of each fitted guide (``posterior.nc``, see ``ppl_gen.posterior``) with ArviZ
+(Kumar et al. 2019): a forest plot of both, posterior means and standard deviations side
+by side, and for the MCMC run the rank-normalized split R-hat and the bulk and tail
+effective sample sizes of Vehtari, Gelman, Simpson, Carpenter & Buerkner (2021),
+"Rank-normalization, folding, and localization: an improved R-hat for assessing
+convergence of MCMC", Bayesian Analysis 16(2):667-718.
+
+NUTS needs a log density it can differentiate in every latent: discrete latents must be
+summed out (the HMM's forward algorithm does this for its hidden states) or marked for
+enumeration, and it samples all latents jointly, so a model with one latent per data
+point (a VAE) is out of its reach; such models are refused with a one-line reason.
+
+Chains run one after another in this process: model files are loaded by path and
+cannot be sent to worker processes, and on a 2-core machine parallel chains would
+compete with torch's own threads anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+
+from ppl_gen.errors import UserError
+from ppl_gen.posterior import import_arviz, site_dims, split_latents, to_inference_data, trace_model
+
+# the forest plot shows at most this many scalar entries (the first ones in model order)
+FOREST_MAX = 40
+# the markdown table lists at most this many; compare.json holds them all
+TABLE_MAX = 60
+
+
+@dataclass
+class MCMCOptions:
+    warmup: int = 500    # adaptation of step size and mass matrix (Hoffman & Gelman's dual averaging)
+    samples: int = 500   # kept draws per chain
+    chains: int = 2      # >= 2 so that R-hat compares chains, not only halves of one
+
+
+def add_flags(parser) -> None:
+    from .svi import _positive
+
+    g = parser.add_argument_group("MCMC reference (inference.compare --mcmc)")
+    g.add_argument("--mcmc", action="store_true",
+                   help="add a NUTS reference run and compare each guide's posterior against it")
+    g.add_argument("--mcmc-warmup", type=_positive(int), default=MCMCOptions.warmup,
+                   help=f"NUTS warmup (adaptation) steps per chain (default: {MCMCOptions.warmup})")
+    g.add_argument("--mcmc-samples", type=_positive(int), default=MCMCOptions.samples,
+                   help=f"NUTS draws kept per chain (default: {MCMCOptions.samples})")
+    g.add_argument("--mcmc-chains", type=_positive(int), default=MCMCOptions.chains,
+                   help=f"NUTS chains, run one after another (default: {MCMCOptions.chains})")
+
+
+def options_from_args(args) -> MCMCOptions | None:
+    if not getattr(args, "mcmc", False):
+        return None
+    return MCMCOptions(args.mcmc_warmup, args.mcmc_samples, args.mcmc_chains)
+
+
+# ---------------------------------------------------------------- can NUTS do it?
+def check_model(model, x: torch.Tensor, file_name: str) -> dict:
+    """The model's global latents, or a UserError saying why NUTS cannot sample this model."""
+    model_trace = trace_model(model, x)
+    glob, local = split_latents(model_trace)
+    if local:
+        n = sum(site["value"].numel() for site in local.values())
+        names = ", ".join(local)
+        raise UserError(f"--mcmc: {file_name} has local latent variables ({names}: one per data point, "
+                        f"{n:,} values on these data); NUTS samples every latent jointly and does not scale "
+                        "with the data, so --mcmc is for models with global latents only")
+    params = [name for name, site in model_trace.nodes.items() if site["type"] == "param"]
+    if params:
+        shown = ", ".join(params[:3]) + (", ..." if len(params) > 3 else "")
+        raise UserError(f"--mcmc: {file_name}'s model has learnable parameters ({shown}); NUTS samples "
+                        "latent variables only and cannot fit parameters")
+    discrete = [name for name, site in glob.items()
+                if site["fn"].support.is_discrete and site["infer"].get("enumerate") != "parallel"]
+    if discrete:
+        raise UserError(f"--mcmc: {file_name} has discrete latent variables ({', '.join(discrete)}) that the "
+                        "model does not enumerate; NUTS follows gradients of the log density and samples "
+                        "continuous latents only (sum the discrete ones out, as models/hmm.py does, or "
+                        "mark them infer={'enumerate': 'parallel'})")
+    continuous = {k: v for k, v in glob.items() if not v["fn"].support.is_discrete}
+    if not continuous:
+        raise UserError(f"--mcmc: {file_name}'s model has no latent variables to sample")
+    return continuous
+
+
+def _plate_nesting(model_trace) -> int:
+    dims = [-f.dim for site in model_trace.nodes.values() if site["type"] == "sample"
+            for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+    return max(dims, default=0)
+
+
+# ---------------------------------------------------------------- the run
+def run_nuts(model, x: torch.Tensor, opts: MCMCOptions, seed: int = 0, custom_dims: dict | None = None,
+             progress: bool = False, file_name: str = "the model file"):
+    """NUTS on the model given all of x; returns (InferenceData, seconds, divergences)."""
+    from pyro.infer import MCMC, NUTS
+
+    sites = check_model(model, x, file_name)
+    model_trace = trace_model(model, x)
+    dims, coords = {}, {}
+    for name, site in sites.items():
+        dims[name], c = site_dims(name, site, custom_dims)
+        coords.update(c)
+    nesting = _plate_nesting(model_trace)
+    chains, diverging, start = [], [], time.perf_counter()
+    for c in range(opts.chains):
+        pyro.set_rng_seed(seed + c)   # chains differ in their random initial point and momenta
+        kernel = NUTS(model, max_plate_nesting=nesting, jit_compile=False)
+        mcmc = MCMC(kernel, num_samples=opts.samples, warmup_steps=opts.warmup, num_chains=1,
+                    disable_progbar=not progress)
+        mcmc.run(x)
+        samples = mcmc.get_samples()
+        chains.append({k: samples[k].detach().cpu().numpy().reshape(opts.samples, *sites[k]["value"].shape)
+                       for k in sites})
+        flags = np.zeros(opts.samples, dtype=bool)
+        flags[[i for i in mcmc.diagnostics()["divergences"]["chain 0"] if i < opts.samples]] = True
+        diverging.append(flags)
+    seconds = time.perf_counter() - start
+    draws = {k: np.stack([ch[k] for ch in chains]) for k in sites}
+    attrs = {"source": "Pyro NUTS (Hoffman & Gelman 2014)", "warmup": opts.warmup, "samples": opts.samples,
+             "chains": opts.chains, "seconds": seconds, "inference_library": "pyro"}
+    idata = to_inference_data(draws, dims, coords, attrs, chains=True,
+                              sample_stats={"diverging": np.stack(diverging)})
+    return idata, seconds, int(np.stack(diverging).sum())
+
+
+def reference(cfg, model_file, opts: MCMCOptions, out: Path) -> dict:
+    """Build the model on the run's data, run NUTS, write ``out/mcmc/posterior.nc``."""
+    from ppl_gen.device import seed_everything
+
+    options = model_file.options(cfg.options)
+    dataset = model_file.data(cfg.data, options)    # on the CPU: NUTS's small steps gain nothing on a GPU
+    pyro.clear_param_store()
+    seed_everything(cfg.seed)
+    spec = model_file.build(options, dataset, elbo=cfg.elbo)
+    print(f"== NUTS: {opts.chains} chain(s) x ({opts.warmup} warmup + {opts.samples} draws)", file=sys.stderr)
+    idata, seconds, divergences = run_nuts(spec.model, dataset.train, opts, seed=cfg.seed,
+                                           custom_dims=spec.posterior_dims, progress=cfg.progress,
+                                           file_name=model_file.path.name)
+    folder = out / "mcmc"
+    folder.mkdir(parents=True, exist_ok=True)
+    idata.to_netcdf(str(folder / "posterior.nc"))
+    return {"idata": idata, "seconds": seconds, "divergences": divergences, "options": opts,
+            "path": folder / "posterior.nc"}
+
+
+# ---------------------------------------------------------------- VI against MCMC
+def flatten(dataset) -> dict[str, np.ndarray]:
+    """{label: array over (chain, draw) or scalar} for every scalar entry of an xarray Dataset,
+    labelled as ArviZ does: ``theta[a0, b1]`` (coordinate values of the non-sample dims)."""
+    out = {}
+    for var in dataset.data_vars:
+        da = dataset[var]
+        inner = [d for d in da.dims if d not in ("chain", "draw")]
+        da = da.transpose(*[d for d in ("chain", "draw") if d in da.dims], *inner)
+        values = da.values
+        if not inner:
+            out[str(var)] = values
+            continue
+        lead = values.ndim - len(inner)
+        labels = [list(da[d].values) for d in inner]
+        for index in np.ndindex(*values.shape[lead:]):
+            name = ", ".join(str(labels[j][i]) for j, i in enumerate(index))
+            out[f"{var}[{name}]"] = values[(slice(None),) * lead + index]
+    return out
+
+
+def comparison(vi: dict[str, object], mcmc_idata) -> dict:
+    """Per entry: MCMC mean, sd, R-hat, ESS; each guide's mean and sd; and headline numbers."""
+    az = import_arviz()
+    post = mcmc_idata.posterior
+    m = flatten(post)
+    rhat, ess_bulk, ess_tail = (flatten(az.rhat(post)), flatten(az.ess(post, method="bulk")),
+                                flatten(az.ess(post, method="tail")))
+    v = {g: flatten(idata.posterior) for g, idata in vi.items()}
+    rows = []
+    for label, draws in m.items():
+        row = {"parameter": label, "mcmc_mean": float(draws.mean()), "mcmc_sd": float(draws.std(ddof=1)),
+               "r_hat": float(rhat[label]), "ess_bulk": float(ess_bulk[label]), "ess_tail": float(ess_tail[label])}
+        for g, flat in v.items():
+            if label in flat:
+                row[f"{g}_mean"] = float(flat[label].mean())
+                row[f"{g}_sd"] = float(flat[label].std(ddof=1))
+        rows.append(row)
+    finite = lambda xs: [x for x in xs if math.isfinite(x)]  # noqa: E731  (a constant entry has R-hat NaN)
+    head = {"max_r_hat": max(finite([r["r_hat"] for r in rows]), default=None),
+            "min_ess_bulk": min(finite([r["ess_bulk"] for r in rows]), default=None),
+            "min_ess_tail": min(finite([r["ess_tail"] for r in rows]), default=None),
+            "guides": {}}
+    for g in v:
+        both = [r for r in rows if f"{g}_mean" in r]
+        diffs = [abs(r[f"{g}_mean"] - r["mcmc_mean"]) for r in both]
+        ratios = finite([r[f"{g}_sd"] / r["mcmc_sd"] for r in both if r["mcmc_sd"] > 0])
+        head["guides"][g] = {"max_abs_mean_difference": max(diffs, default=None),
+                             "median_sd_ratio_vi_to_mcmc": float(np.median(ratios)) if ratios else None,
+                             "min_sd_ratio_vi_to_mcmc": min(ratios, default=None)}
+    # JSON has no NaN: a constant entry (R-hat undefined) reads null
+    rows = [{k: (None if isinstance(x, float) and not math.isfinite(x) else x) for k, x in r.items()} for r in rows]
+    return {"rows": rows, "summary": head}
+
+
+def forest_plot(vi: dict[str, object], mcmc_idata, path: Path, title: str = "") -> Path:
+    """az.plot_forest of every guide's draws and the NUTS draws (94% HDI, quartiles, mean)."""
+    az = import_arviz()
+    from ppl_gen import plotting  # noqa: F401  (sets the Agg backend)
+    import matplotlib.pyplot as plt
+
+    m = flatten(mcmc_idata.posterior)
+    labels = list(m)[:FOREST_MAX]
+    datas, names = [], []
+    for g, idata in vi.items():
+        flat = flatten(idata.posterior)
+        datas.append(az.from_dict(posterior={k: np.atleast_2d(flat[k]) for k in labels if k in flat}))
+        names.append(f"VI: {g}")
+    datas.append(az.from_dict(posterior={k: m[k] for k in labels}))
+    names.append("NUTS")
+    height = 1.4 + 0.22 * len(labels) * (len(datas) + 1)
+    axes = az.plot_forest(datas, model_names=names, var_names=labels, combined=True, hdi_prob=0.94,
+                          figsize=(8.0, height), textsize=9)
+    ax = np.ravel(axes)[0]
+    fig = ax.figure
+    handles, texts = ax.get_legend_handles_labels()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    ax.legend(handles, texts, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    more = f"; the first {len(labels)} of {len(m)} entries" if len(m) > len(labels) else ""
+    fig.suptitle((title + "\n" if title else "") + f"lines: 94% HDI; thick: quartiles; dot: mean{more}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def report(out: Path, rows: list[dict], ref: dict) -> tuple[list[str], dict]:
+    """The VI-against-MCMC section of compare.md (and its compare.json entry); writes the plot."""
+    az = import_arviz()
+    vi, missing = {}, []
+    for r in rows:
+        p = out / r["guide"] / "posterior.nc"
+        if p.is_file():
+            vi[r["guide"]] = az.from_netcdf(str(p))
+        else:
+            missing.append(r["guide"])
+    opts, idata = ref["options"], ref["idata"]
+    cmp = comparison(vi, idata)
+    forest_plot(vi, idata, out / "vi_vs_mcmc.png", title=f"{rows[0]['model']}: VI against NUTS")
+    s = cmp["summary"]
+    def fmt(x, f="{:.3f}"):
+        return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f.format(x)
+
+    lines = ["## VI against MCMC", "",
+             f"Reference: Pyro's NUTS (Hoffman & Gelman 2014), {opts.chains} chain(s) x {opts.warmup} warmup + "
+             f"{opts.samples} draws, {ref['seconds']:.1f} s, {ref['divergences']} divergent transition(s); "
+             f"draws in [mcmc/posterior.nc](mcmc/posterior.nc). Each guide: its posterior.nc draws. "
+             f"Convergence (Vehtari et al. 2021): max R-hat {fmt(s['max_r_hat'])}, min bulk ESS "
+             f"{fmt(s['min_ess_bulk'], '{:.0f}')}, min tail ESS {fmt(s['min_ess_tail'], '{:.0f}')} "
+             "(R-hat below 1.01 and ESS above 400 are the usual marks of a reliable reference).", ""]
+    for g, h in s["guides"].items():
+        lines.append(f"- {g}: max |mean(VI) - mean(MCMC)| = {fmt(h['max_abs_mean_difference'])}; "
+                     f"sd(VI) / sd(MCMC): median {fmt(h['median_sd_ratio_vi_to_mcmc'], '{:.2f}')}, "
+                     f"min {fmt(h['min_sd_ratio_vi_to_mcmc'], '{:.2f}')}")
+    for g in missing:
+        lines.append(f"- {g}: no posterior.nc in its run folder, left out")
+    lines += ["", "![VI against MCMC: forest plot](vi_vs_mcmc.png)", ""]
+    guides = list(vi)
+    head = ("| parameter | MCMC mean | MCMC sd | " + " | ".join(f"{g} mean | {g} sd" for g in guides)
+            + " | R-hat | ESS bulk | ESS tail |")
+    lines += [head, "|---|" + "---:|" * (2 + 2 * len(guides) + 3)]
+    for r in cmp["rows"][:TABLE_MAX]:
+        cells = [fmt(r["mcmc_mean"]), fmt(r["mcmc_sd"])]
+        for g in guides:
+            cells += [fmt(r.get(f"{g}_mean")), fmt(r.get(f"{g}_sd"))]
+        cells += [fmt(r["r_hat"]), fmt(r["ess_bulk"], "{:.0f}"), fmt(r["ess_tail"], "{:.0f}")]
+        lines.append(f"| {r['parameter']} | " + " | ".join(cells) + " |")
+    if len(cmp["rows"]) > TABLE_MAX:
+        lines.append(f"\n(first {TABLE_MAX} of {len(cmp['rows'])} entries; compare.json has all)")
+    lines.append("")
+    info = {"sampler": "NUTS", "library": "pyro", "warmup": opts.warmup, "samples": opts.samples,
+            "chains": opts.chains, "seconds": ref["seconds"], "divergences": ref["divergences"],
+            "posterior": "mcmc/posterior.nc", "forest_plot": "vi_vs_mcmc.png", **cmp}
+    return lines, info
+
+
+def summary_line(info: dict) -> str:
+    f = lambda x, spec=".3f": "n/a" if x is None else format(x, spec)  # noqa: E731
+    s = info["summary"]
+    parts = [f"NUTS {info['chains']}x{info['samples']} in {info['seconds']:.1f} s, max R-hat "
+             f"{f(s['max_r_hat'])}, min bulk ESS {f(s['min_ess_bulk'], '.0f')}"]
+    for g, h in s["guides"].items():
+        parts.append(f"{g}: max |mean diff| {f(h['max_abs_mean_difference'])}, "
+                     f"median sd ratio {f(h['median_sd_ratio_vi_to_mcmc'], '.2f')}")
+    return "; ".join(parts)
+
+
+def write_json_section(path: Path, info: dict) -> None:
+    """Add the MCMC section to an existing compare.json."""
+    data = json.loads(path.read_text())
+    data["mcmc"] = info
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
