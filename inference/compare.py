@@ -29,6 +29,11 @@ COLUMNS = [
     ("seconds", "train seconds", "{:.1f}"),
     ("ms_per_step", "ms/step", "{:.2f}"),
     ("n_parameters", "parameters", "{:,}"),
+    ("train_elbo_per_token", "train ELBO/token", "{:.3f}"),
+    ("test_perplexity", "held-out perplexity", "{:.1f}"),
+    ("npmi", "mean NPMI", "{:.3f}"),
+    ("topic_tv", "topic TV", "{:.3f}"),
+    ("infer_seconds_1000", "s to infer 1,000 docs", "{:.3f}"),
 ]
 GAP_COLUMNS = [
     ("gap_log_px", "log p(x)", "{:.3f}"),

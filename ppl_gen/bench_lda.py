@@ -1,0 +1,116 @@
+"""The LDA issue's three targets, measured side by side in one process:
+
+    python -m ppl_gen.bench_lda
+    python -m ppl_gen.bench_lda --svi-steps 400 --synthetic-steps 300 --out runs/bench-lda
+
+1. explicit mean-field SVI's held-out perplexity against scikit-learn's batch VB on Reuters
+   (K = 20, alpha = 0.1, eta = 0.01), both scored by ``ppl_gen.lda.document_completion``;
+2. the amortized encoder's time to infer theta for 1,000 new documents against scikit-learn's
+   ``transform`` (ratio);
+3. topic recovery (mean TV after Hungarian matching) on 2,000 synthetic documents of 100 words,
+   V = 500, K = 10, for every scheme.
+
+Every scheme runs through ``inference.svi.run`` exactly as the CLI does. Prints a table and
+writes ``bench.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import lda
+from .corpus import load_reuters, load_synthetic
+
+
+def _scheme(guide: str, data: str, steps: int, batch_size, lr: float, out: Path, options: dict) -> dict:
+    from inference import svi
+
+    cfg = svi.RunConfig(model_file=str(Path(__file__).resolve().parents[1] / "models" / "lda.py"), guide=guide,
+                        elbo="enum", steps=steps, batch_size=batch_size, lr=lr, data=data, out=str(out / guide),
+                        progress=False, eval_every=steps, eval_particles=2, options=options)
+    _, metrics = svi.run(cfg)
+    return metrics
+
+
+def _sklearn(corpus, K, alpha, eta, iters, infer_docs) -> dict:
+    from sklearn.decomposition import LatentDirichletAllocation
+
+    sk = LatentDirichletAllocation(n_components=K, doc_topic_prior=alpha, topic_word_prior=eta,
+                                   learning_method="batch", max_iter=iters, random_state=0)
+    start = time.perf_counter()
+    sk.fit(corpus.train.numpy())
+    seconds = time.perf_counter() - start
+    topics = torch.tensor(sk.components_, dtype=torch.float32)
+    out = lda.document_completion(lambda h: torch.tensor(sk.transform(h.numpy()), dtype=torch.float32),
+                                  topics, corpus.test)
+    new = corpus.test.repeat(-(-infer_docs // len(corpus.test)), 1)[:infer_docs].numpy()
+    start = time.perf_counter()
+    sk.transform(new)
+    out.update(seconds=seconds, infer_seconds_1000=(time.perf_counter() - start) * 1000 / len(new),
+               npmi=lda.npmi(topics, corpus.train).mean().item(), guide="scikit-learn batch VB")
+    if corpus.true_topics is not None:
+        out["topic_tv"] = lda.topic_tv(topics, corpus.true_topics)[0]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ppl_gen.bench_lda", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--svi-steps", type=int, default=400, help="full-batch SVI steps on Reuters (explicit, amortized)")
+    p.add_argument("--cavi-steps", type=int, default=50, help="CAVI sweeps (scikit-learn gets as many iterations)")
+    p.add_argument("--synthetic-steps", type=int, default=300, help="SVI steps on the synthetic corpus")
+    p.add_argument("--synthetic-batch", type=int, default=200, help="documents per SVI step on the synthetic corpus")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip-synthetic", action="store_true")
+    p.add_argument("--out", default="runs/bench-lda")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {"reuters": [], "synthetic": []}
+
+    reuters = load_reuters()
+    rows["reuters"].append(_sklearn(reuters, 20, 0.1, 0.01, args.cavi_steps, 1000))
+    base = {"topics": 20, "alpha": 0.1, "eta": 0.01, "infer_docs": 1000}
+    rows["reuters"].append(_scheme("cavi", "reuters", args.cavi_steps, None, 0.05, out / "reuters", base))
+    rows["reuters"].append(_scheme("explicit", "reuters", args.svi_steps, None, 0.05, out / "reuters", base))
+    rows["reuters"].append(_scheme("amortized", "reuters", args.svi_steps, None, 0.01, out / "reuters", base))
+
+    if not args.skip_synthetic:
+        syn = {"docs": 2000, "words": 100, "vocab": 500, "topics": 10, "alpha": 0.1, "eta": 0.01, "infer_docs": 400}
+        corpus = load_synthetic(2000, 500, 10, 100, 0.1, 0.01)
+        rows["synthetic"].append(_sklearn(corpus, 10, 0.1, 0.01, args.cavi_steps, 400))
+        rows["synthetic"].append(_scheme("cavi", "synthetic", args.cavi_steps, None, 0.05, out / "synthetic", syn))
+        for guide, lr in (("explicit", 0.05), ("amortized", 0.01)):
+            rows["synthetic"].append(_scheme(guide, "synthetic", args.synthetic_steps, args.synthetic_batch, lr,
+                                             out / "synthetic", syn))
+
+    sk = rows["reuters"][0]
+    by = {r["guide"]: r for r in rows["reuters"]}
+    summary = {
+        "explicit_perplexity_vs_sklearn": by["explicit"]["test_perplexity"] / sk["test_perplexity"],
+        "cavi_perplexity_vs_sklearn": by["cavi"]["test_perplexity"] / sk["test_perplexity"],
+        "amortized_perplexity_vs_sklearn": by["amortized"]["test_perplexity"] / sk["test_perplexity"],
+        "sklearn_transform_over_amortized_infer": sk["infer_seconds_1000"] / by["amortized"]["infer_seconds_1000"],
+        "synthetic_topic_tv": {r["guide"]: r.get("topic_tv") for r in rows["synthetic"]},
+    }
+    keys = ("test_perplexity", "npmi", "seconds", "infer_seconds_1000", "topic_tv", "n_parameters")
+    for name, rs in rows.items():
+        if not rs:
+            continue
+        print(f"\n{name}\n| scheme | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))
+        for r in rs:
+            print(f"| {r['guide']} | " + " | ".join("" if r.get(k) is None else f"{r[k]:.4g}" for k in keys) + " |")
+    print("\n" + json.dumps(summary, indent=2))
+    (out / "bench.json").write_text(json.dumps({"rows": rows, "summary": summary,
+                                                "threads": args.threads}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
