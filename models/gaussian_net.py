@@ -198,3 +198,40 @@ def build(options: Options, dataset: Dataset) -> Spec:
     net = GaussianNet(options, dataset.train.device)
     return Spec(model=net.model, guides={"mean_field": net.mean_field, "full_rank": net.full_rank},
                 evaluate=net.evaluate, plots=net.plots, description=__doc__.split("\n")[0])
+
+
+def numpyro_twin(options: Options, dataset: Dataset):
+    """The NumPyro twin (``--backend numpyro``, Phan et al. 2019): the same A, B -> C -> D
+    network and both guides, with the Pyro store's parameter names and constraints."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+
+    from ppl_gen.numpyro_twin import NumpyroTwin
+
+    o, ev = options, parse_evidence(options.evidence)
+    latents = [v for v in NODES if v not in ev]
+
+    def model(x):
+        obs = {v: x[0, NODES.index(v)] for v in ev}
+        sd = lambda var: jnp.sqrt(jnp.asarray(var, x.dtype))  # noqa: E731
+        a = numpyro.sample("A", nd.Normal(jnp.asarray(o.mu_a, x.dtype), sd(o.var_a)), obs=obs.get("A"))
+        b = numpyro.sample("B", nd.Normal(jnp.asarray(o.mu_b, x.dtype), sd(o.var_b)), obs=obs.get("B"))
+        c = numpyro.sample("C", nd.Normal(a + b, sd(o.var_c)), obs=obs.get("C"))
+        numpyro.sample("D", nd.Normal(o.mu_d + c, sd(o.var_d)), obs=obs.get("D"))
+
+    def mean_field(x):
+        for v in latents:
+            loc = numpyro.param(f"loc_{v}", jnp.zeros((), x.dtype))
+            scale = numpyro.param(f"scale_{v}", jnp.ones((), x.dtype), constraint=nd.constraints.positive)
+            numpyro.sample(v, nd.Normal(loc, scale))
+
+    def full_rank(x):
+        k = len(latents)
+        loc = numpyro.param("loc", jnp.zeros(k, x.dtype))
+        scale_tril = numpyro.param("scale_tril", jnp.eye(k, dtype=x.dtype), constraint=nd.constraints.lower_cholesky)
+        z = numpyro.sample("z", nd.MultivariateNormal(loc, scale_tril=scale_tril), infer={"is_auxiliary": True})
+        for i, v in enumerate(latents):
+            numpyro.sample(v, nd.Delta(z[..., i]))
+
+    return NumpyroTwin(model=model, guides={"mean_field": mean_field, "full_rank": full_rank})

@@ -244,3 +244,44 @@ def build(options: Options, dataset: Dataset) -> Spec:
     chain = MarkovChain(options, dataset)
     return Spec(model=chain.model, guides={"dirichlet": chain.guide}, evaluate=chain.evaluate,
                 plots=chain.plots, description=__doc__.split("\n")[0])
+
+
+def numpyro_twin(options: Options, dataset: Dataset):
+    """The NumPyro twin (``--backend numpyro``, Phan et al. 2019): Dirichlet rows over the
+    same contexts (``Contexts`` above, ported to jax.numpy for the lookup), float64 as on the
+    Pyro side, and the Dirichlet guide with the same parameter ``lambda``."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+
+    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+
+    chain = MarkovChain(options, dataset)
+    V, R, k, base, alpha = chain.V, chain.R, chain.ctx.k, chain.ctx.base, chain.alpha
+    rows = chain.ctx.rows.cpu().numpy()
+
+    def row_of(x):
+        """Contexts.row_of in jax.numpy: the code of (x_{t-k}..x_{t-1}), then its row."""
+        n, T = x.shape
+        prev = jnp.concatenate([jnp.full((n, k), V, x.dtype), jnp.clip(x, 0)], 1)
+        code = jnp.zeros_like(x)
+        for j in range(1, k + 1):
+            code = code + prev[:, k - j:k - j + T] * base ** (j - 1)
+        table = jnp.asarray(rows)
+        return jnp.clip(jnp.searchsorted(table, code), None, R - 1)
+
+    def model(x, idx=None, size=None):
+        with numpyro.plate("contexts", R):
+            theta = numpyro.sample("theta", nd.Dirichlet(jnp.full((R, V), alpha, jnp.float64)))
+        m = x >= 0
+        log_theta = jnp.log(jnp.clip(theta, jnp.finfo(theta.dtype).tiny))
+        log_p = log_theta[..., row_of(x), jnp.clip(x, 0)]
+        with data_plate(x, idx, size):
+            numpyro.factor("x", jnp.where(m, log_p, 0.0).sum(-1))
+
+    def guide(x, idx=None, size=None):
+        lam = numpyro.param("lambda", jnp.full((R, V), alpha, jnp.float64), constraint=nd.constraints.positive)
+        with numpyro.plate("contexts", R):
+            numpyro.sample("theta", nd.Dirichlet(lam))
+
+    return NumpyroTwin(model=model, guides={"dirichlet": guide}, x64=True)
