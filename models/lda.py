@@ -76,7 +76,7 @@ class Options:
     local_steps: int = field(default=200, metadata={
         "help": "Adam steps that fit gamma of a new document (explicit guide) with the topics fixed"})
     cavi_iters: int = field(default=100, metadata={"help": "most E-step sweeps per CAVI step"})
-    infer_docs: int = field(default=1000, metadata={
+    infer_docs: int = field(default=200, metadata={
         "help": "documents timed for 'seconds to infer theta of 1,000 new documents' (scaled to 1,000)"})
 
     def validate(self):
