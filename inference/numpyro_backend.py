@@ -72,10 +72,12 @@ def load_twin(mf, options, dataset):
     twin = fn(**_accepted(fn, options=options, dataset=dataset))
     if not isinstance(twin, NumpyroTwin):
         raise UserError(f"{mf.path.name}: numpyro_twin() must return a ppl_gen.numpyro_twin.NumpyroTwin")
-    if twin.x64:
-        import jax
+    import jax
 
-        jax.config.update("jax_enable_x64", True)
+    # float64 exactly when the twin asks for it: x64 is process-wide in JAX, and a float32 twin
+    # run after a float64 one would otherwise mix dtypes (NumPyro's lower-Cholesky transform
+    # then fails on float32 parameters)
+    jax.config.update("jax_enable_x64", bool(twin.x64))
     return twin
 
 
