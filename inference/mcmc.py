@@ -237,15 +237,16 @@ def forest_plot(vi: dict[str, object], mcmc_idata, path: Path, title: str = "") 
                           figsize=(8.0, height), textsize=9)
     ax = np.ravel(axes)[0]
     fig = ax.figure
-    handles, texts = ax.get_legend_handles_labels()
-    if ax.get_legend() is not None:
-        ax.get_legend().remove()
-    ax.legend(handles, texts, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    legend = ax.get_legend()   # ArviZ's, inside the plot: move it to the right of the entries
+    if legend is not None:
+        handles, texts = legend.legend_handles, [t.get_text() for t in legend.get_texts()]
+        legend.remove()
+        ax.legend(handles, texts, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     more = f"; the first {len(labels)} of {len(m)} entries" if len(m) > len(labels) else ""
     fig.suptitle((title + "\n" if title else "") + f"lines: 94% HDI; thick: quartiles; dot: mean{more}",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 
