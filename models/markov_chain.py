@@ -127,7 +127,9 @@ def data(spec: str | None = None, options: Options | None = None) -> Dataset:
         raise UserError(f"--data sample draws a dense table of (symbols+2)^order = {(V + 1) ** k} rows; "
                         "use fewer --symbols or a smaller --order")
     g = torch.Generator().manual_seed(0)
-    theta = torch.distributions.Dirichlet(torch.full(((V + 1) ** k, V), 1.0)).sample()
+    with torch.random.fork_rng(devices=[]):  # the same table in every process and run
+        torch.manual_seed(0)
+        theta = torch.distributions.Dirichlet(torch.full(((V + 1) ** k, V), 1.0)).sample()
     theta[:, -1] = theta[:, -1].clamp(min=0.05)                          # lines of finite length
     theta = theta / theta.sum(-1, keepdim=True)
     x = sample_chain(lambda code: theta[code], V, k, options.sequences, 60, generator=g)
