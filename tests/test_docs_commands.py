@@ -36,6 +36,8 @@ def _commands():
 def test_documented_command_runs(command, tmp_path, capsys):
     words = shlex.split(command)
     main, argv = ENTRY[words[2]], words[3:]
+    if "--mcmc" in argv:
+        pytest.skip("run with a small NUTS budget by tests/inference/test_posterior_mcmc.py")
     if "cuda" in argv and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if "fashion-mnist" in argv and not FASHION_MNIST_DIR.is_dir():
