@@ -27,11 +27,8 @@ is one ``error:`` line naming the extra to install.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
-import time
-from typing import Any, Callable
+from typing import Callable
 
 from ppl_gen.errors import TrainingDiverged, UserError
 
@@ -309,29 +306,14 @@ def numpyro_elbo(model: Callable, guide: Callable, params: dict, x, idx=None, si
 
 # ---------------------------------------------------------------- the run
 def run(cfg, mf):
-    """``inference.svi.run`` for ``--backend numpyro``: same inputs, same run folder, same metrics."""
+    """``inference.svi`` with NumPyro doing the optimization: the runner's own phases
+    (prepare, open_run, train_loop, finish) around a NumPyro training step, so the run
+    folder, the evaluation and the plots are the Pyro path's, on the NumPyro values."""
     require_numpyro()
-    import pyro
-    import torch
-    from tqdm.auto import tqdm
+    from inference import svi
+    from ppl_gen.train import Trainer, make_elbo
 
-    from inference.svi import _last_seconds
-    from ppl_gen import plotting
-    from ppl_gen.device import resolve_device, seed_everything
-    from ppl_gen.rundir import RunFolder, default_out_dir, package_versions
-    from ppl_gen.train import FittedRun, Trainer, evaluate_elbo, make_elbo
-
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    options = mf.options(cfg.options)
-    dataset = mf.data(cfg.data, options).to(device)
-
-    pyro.clear_param_store()
-    seed_everything(cfg.seed)
-    spec = mf.build(options, dataset, elbo=cfg.elbo)
-    guide_name = cfg.guide or spec.default_guide
-    guide = spec.guide(guide_name)
+    device, options, dataset, spec, guide_name, guide = svi.prepare(cfg, mf)
     if spec.updates.get(guide_name):
         raise UserError(f"guide {guide_name!r} is fitted by closed-form updates, which run on the Pyro side "
                         "only; use --backend pyro for it")
@@ -348,118 +330,16 @@ def run(cfg, mf):
                              cfg.seed, pyro_params(), cfg.num_particles,
                              local_params=tuple(set(twin.local_params) | set(spec.local_params)),
                              local_lr=spec.local_lr)
+    import jax
 
-    folder = RunFolder(cfg.out or default_out_dir(mf.name)).create()
-    start, seconds0 = 0, 0.0
-    if cfg.resume:
-        start = trainer.load_state_dict(folder.load_checkpoint(map_location="cpu"))
-        if start >= cfg.steps:
-            raise UserError(f"the run in {folder.path} already has {start} steps; "
-                            f"give --steps larger than {start}")
-        folder.start_trace(keep_until_step=start)
-        rows = folder.read_trace()
-        seconds0 = float(rows[-1]["seconds"]) if rows else 0.0
-        config = folder.read_json("config.json")
-        config.setdefault("resumed", []).append({"from_step": start, "to_step": cfg.steps,
-                                                 "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        config["settings"]["steps"] = cfg.steps
-        config["settings"]["lr"] = cfg.lr
-    else:
-        import jax
-
-        folder.start_trace()
-        config = {"settings": dataclasses.asdict(cfg), "model": mf.name, "guide": guide_name,
-                  "device": str(device),
-                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "jax_device": str(jax.devices()[0]), "jax_x64": bool(twin.x64),
-                  "data": {"name": dataset.name, "train": len(dataset.train),
-                           "test": 0 if dataset.test is None else len(dataset.test), **dataset.meta},
-                  "batch_size_used": pyro_side.schedule.batch_size,
-                  "versions": package_versions(), "argv": sys.argv,
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        config["settings"]["options"] = dataclasses.asdict(options) if options else {}
-    folder.write_json("config.json", config)
-
-    eval_every = cfg.eval_every or max(cfg.steps // 10, 1)
-
-    def evaluate():
-        """Held-out ELBO per point, on the Pyro side with the NumPyro values copied in."""
-        if dataset.test is None:
-            return None
-        copy_to_pyro(trainer.params())
-        test_guide = spec.heldout_guide(guide_name, dataset.test) if spec.heldout_guide else guide
-        return evaluate_elbo(spec.model, test_guide, dataset.test, cfg.elbo, cfg.eval_particles, seed=cfg.seed)
-
-    rows, last_ckpt, t = [], (start if cfg.resume else None), start
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"{mf.name}/{guide_name} (numpyro)",
-               disable=not cfg.progress, dynamic_ncols=True, mininterval=0.25)
-    clock, paused, running = time.perf_counter(), 0.0, None
-    try:
-        for t in range(start + 1, cfg.steps + 1):
-            loss = trainer.step(t)
-            running = -loss if running is None else 0.98 * running - 0.02 * loss
-            # training seconds include JIT compilation (the first step) and exclude evaluation
-            row = {"step": t, "loss": loss, "seconds": seconds0 + time.perf_counter() - clock - paused,
-                   "test_elbo": ""}
-            if t % eval_every == 0 or t == cfg.steps:
-                pause = time.perf_counter()
-                row["test_elbo"] = "" if dataset.test is None else evaluate()
-                folder.save_checkpoint(trainer.state_dict(t))
-                last_ckpt = t
-                paused += time.perf_counter() - pause
-            rows.append(row)
-            if t % eval_every == 0 or t == cfg.steps:
-                folder.append_trace(rows)
-                rows = []
-            if t % 10 == 0 or t == cfg.steps:
-                bar.set_postfix(elbo=f"{running:.3f}", refresh=False)
-            bar.update(1)
-    except TrainingDiverged as e:
-        folder.append_trace(rows)
-        where = (f"the last good checkpoint (step {last_ckpt}) is in {folder.checkpoint_path}"
-                 if last_ckpt else "no checkpoint had been written yet")
-        raise UserError(f"{e}; the run stopped and {where}; try a smaller --lr") from None
-    except KeyboardInterrupt:
-        folder.append_trace(rows)
-        print(f"\ninterrupted at step {t}; checkpoint of step {last_ckpt} in {folder.path}; "
-              f"continue with --resume {folder.path}", file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        bar.close()
-    seconds = _last_seconds(folder) or 0.0
-
+    folder, start, seconds0, config = svi.open_run(
+        cfg, mf, trainer, guide_name, device, dataset, options, pyro_side.schedule.batch_size,
+        extra_config={"jax_device": str(jax.devices()[0]), "jax_x64": bool(twin.x64)})
+    evaluate = svi.heldout_evaluator(cfg, spec, guide_name, guide, dataset,
+                                     before=lambda: copy_to_pyro(trainer.params()))
+    # training seconds include JIT compilation (the first step) and exclude evaluation
+    seconds = svi.train_loop(cfg, trainer, folder, evaluate, start, seconds0,
+                             desc=f"{mf.name}/{guide_name} (numpyro)")
     copy_to_pyro(trainer.params())
-    fitted = FittedRun(spec=spec, guide_name=guide_name, dataset=dataset, options=options, device=device,
-                       config=config, out=folder.path, trace=folder.read_trace())
-    test_guide = (spec.heldout_guide(guide_name, dataset.test)
-                  if spec.heldout_guide and dataset.test is not None else guide)
-    metrics: dict[str, Any] = {
-        "model": mf.name, "guide": guide_name, "elbo": cfg.elbo, "jit": cfg.jit, "steps": cfg.steps,
-        "seconds": seconds, "seconds_per_step": seconds / cfg.steps,
-        "n_parameters": sum(p.numel() for _, p in pyro.get_param_store().named_parameters()),
-        "device": str(device), "seed": cfg.seed,
-        "train_elbo": evaluate_elbo(spec.model, guide, dataset.train, cfg.elbo, cfg.eval_particles, seed=cfg.seed),
-        "test_elbo": None if dataset.test is None else evaluate_elbo(
-            spec.model, test_guide, dataset.test, cfg.elbo, cfg.eval_particles, seed=cfg.seed),
-        "elbo_units": "nats per data point",
-        "eval_particles": cfg.eval_particles,
-    }
-    if spec.evaluate:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            seed_everything(cfg.seed)
-            metrics.update(spec.evaluate(fitted) or {})
-    folder.write_json("metrics.json", metrics)
-
-    plotting.elbo_curve(fitted.trace, folder.path / "elbo.png",
-                        title=f"{mf.name} / {guide_name} / {cfg.elbo} (numpyro)")
-    if spec.plots:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            seed_everything(cfg.seed)
-            spec.plots(fitted, folder.path)
-    try:  # posterior.nc, drawn from the Pyro guide holding the NumPyro values (the ArviZ work)
-        from ppl_gen.posterior import save_guide_posterior
-    except ImportError:
-        save_guide_posterior = None
-    if save_guide_posterior is not None:
-        save_guide_posterior(fitted, folder.path / "posterior.nc", seed=cfg.seed)
-    return fitted, metrics
+    return svi.finish(cfg, mf, spec, guide_name, guide, dataset, options, device, config, folder, seconds,
+                      evaluate, title=f"{mf.name} / {guide_name} / {cfg.elbo} (numpyro)")

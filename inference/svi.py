@@ -188,38 +188,33 @@ def resolve_config(args: argparse.Namespace, model_file, resumed: dict) -> RunCo
 
 
 # ---------------------------------------------------------------- the run
-def run(cfg: RunConfig, model_file=None):
-    """Fit cfg.model_file and write the run folder; returns (FittedRun, metrics)."""
+# run() is four phases; the NumPyro backend reuses all but the training step itself.
+def prepare(cfg: RunConfig, mf):
+    """Device, options, data (on the device), the built Spec and the chosen guide."""
     import pyro
     import torch
-    from tqdm.auto import tqdm
 
-    from ppl_gen import plotting
     from ppl_gen.device import resolve_device, seed_everything
-    from ppl_gen.protocol import load_model_file
-    from ppl_gen.rundir import RunFolder, default_out_dir, package_versions
-    from ppl_gen.train import FittedRun, Trainer, evaluate_elbo, make_elbo
 
-    mf = model_file or load_model_file(cfg.model_file)
-    if cfg.backend == "numpyro":  # imported only when asked for: numpyro and jax are an optional extra
-        from inference import numpyro_backend
-
-        return numpyro_backend.run(cfg, mf)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     options = mf.options(cfg.options)
     dataset = mf.data(cfg.data, options).to(device)
-
     pyro.clear_param_store()  # no parameters leak in from an earlier run in this process
     seed_everything(cfg.seed)
     spec = mf.build(options, dataset, elbo=cfg.elbo)
     guide_name = cfg.guide or spec.default_guide
-    guide = spec.guide(guide_name)
-    elbo = make_elbo(cfg.elbo, jit=cfg.jit, num_particles=cfg.num_particles)
-    trainer = Trainer(spec.model, guide, dataset.train, elbo, lr=cfg.lr, batch_size=cfg.batch_size,
-                      seed=cfg.seed, validate=cfg.validate, local_params=spec.local_params,
-                      local_lr=spec.local_lr, update=spec.updates.get(guide_name))
+    return device, options, dataset, spec, guide_name, spec.guide(guide_name)
+
+
+def open_run(cfg: RunConfig, mf, trainer, guide_name: str, device, dataset, options, batch_size: int,
+             extra_config: dict | None = None):
+    """Create (or, with --resume, reopen) the run folder; returns (folder, start step,
+    training seconds so far, config). ``trainer.load_state_dict(checkpoint) -> step``."""
+    import torch
+
+    from ppl_gen.rundir import RunFolder, default_out_dir, package_versions
 
     folder = RunFolder(cfg.out or default_out_dir(mf.name)).create()
     start, seconds0 = 0, 0.0
@@ -229,8 +224,7 @@ def run(cfg: RunConfig, model_file=None):
             raise UserError(f"the run in {folder.path} already has {start} steps; "
                             f"give --steps larger than {start}")
         folder.start_trace(keep_until_step=start)
-        rows = folder.read_trace()
-        seconds0 = float(rows[-1]["seconds"]) if rows else 0.0
+        seconds0 = _last_seconds(folder) or 0.0
         config = folder.read_json("config.json")
         config.setdefault("resumed", []).append({"from_step": start, "to_step": cfg.steps,
                                                  "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -241,28 +235,28 @@ def run(cfg: RunConfig, model_file=None):
         config = {"settings": dataclasses.asdict(cfg), "model": mf.name, "guide": guide_name,
                   "device": str(device),
                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  **(extra_config or {}),
                   "data": {"name": dataset.name, "train": len(dataset.train),
                            "test": 0 if dataset.test is None else len(dataset.test), **dataset.meta},
-                  "batch_size_used": trainer.schedule.batch_size,
+                  "batch_size_used": batch_size,
                   "versions": package_versions(), "argv": sys.argv,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         config["settings"]["options"] = dataclasses.asdict(options) if options else {}
     folder.write_json("config.json", config)
+    return folder, start, seconds0, config
+
+
+def train_loop(cfg: RunConfig, trainer, folder, evaluate, start: int, seconds0: float, desc: str) -> float:
+    """Steps start+1..cfg.steps with a progress bar; every --eval-every steps the held-out
+    ELBO goes into trace.csv and a checkpoint is written. Returns the training seconds.
+    ``trainer.step(t) -> -ELBO per point``; ``trainer.state_dict(t)`` is what is checkpointed."""
+    from tqdm.auto import tqdm
 
     eval_every = cfg.eval_every or max(cfg.steps // 10, 1)
-
-    def evaluate():
-        """Held-out ELBO per point; guides that cannot see new data get their held-out form."""
-        if dataset.test is None:
-            return None
-        test_guide = spec.heldout_guide(guide_name, dataset.test) if spec.heldout_guide else guide
-        return evaluate_elbo(spec.model, test_guide, dataset.test, cfg.elbo, cfg.eval_particles, seed=cfg.seed)
-
     rows, last_ckpt, t = [], (start if cfg.resume else None), start
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"{mf.name}/{guide_name}", disable=not cfg.progress,
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not cfg.progress,
                dynamic_ncols=True, mininterval=0.25)
-    clock, paused = time.perf_counter(), 0.0
-    running = None
+    clock, paused, running = time.perf_counter(), 0.0, None
     try:
         for t in range(start + 1, cfg.steps + 1):
             loss = trainer.step(t)
@@ -273,14 +267,15 @@ def run(cfg: RunConfig, model_file=None):
                    "test_elbo": ""}
             if t % eval_every == 0 or t == cfg.steps:
                 pause = time.perf_counter()
-                row["test_elbo"] = "" if dataset.test is None else evaluate()
+                row["test_elbo"] = evaluate()
+                row["test_elbo"] = "" if row["test_elbo"] is None else row["test_elbo"]
                 folder.save_checkpoint(trainer.state_dict(t))
                 last_ckpt = t
                 paused += time.perf_counter() - pause
-            rows.append(row)
-            if t % eval_every == 0 or t == cfg.steps:
-                folder.append_trace(rows)
+                folder.append_trace(rows + [row])
                 rows = []
+            else:
+                rows.append(row)
             if t % 10 == 0 or t == cfg.steps:
                 bar.set_postfix(elbo=f"{running:.3f}", refresh=False)
             bar.update(1)
@@ -296,7 +291,19 @@ def run(cfg: RunConfig, model_file=None):
         raise SystemExit(130) from None
     finally:
         bar.close()
-    seconds = _last_seconds(folder) or 0.0  # training time, all sessions of a resumed run
+    return _last_seconds(folder) or 0.0  # training time, all sessions of a resumed run
+
+
+def finish(cfg: RunConfig, mf, spec, guide_name: str, guide, dataset, options, device, config, folder,
+           seconds: float, evaluate, title: str):
+    """metrics.json (the runner's ELBOs and the model's own metrics), plots, posterior.nc."""
+    import pyro
+    import torch
+
+    from ppl_gen import plotting
+    from ppl_gen.device import seed_everything
+    from ppl_gen.posterior import save_guide_posterior
+    from ppl_gen.train import FittedRun, evaluate_elbo
 
     fitted = FittedRun(spec=spec, guide_name=guide_name, dataset=dataset, options=options, device=device,
                        config=config, out=folder.path, trace=folder.read_trace())
@@ -310,21 +317,58 @@ def run(cfg: RunConfig, model_file=None):
         "elbo_units": "nats per data point",
         "eval_particles": cfg.eval_particles,
     }
+    devices = [device] if device.type == "cuda" else []
     if spec.evaluate:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=devices):
             seed_everything(cfg.seed)
             metrics.update(spec.evaluate(fitted) or {})
     folder.write_json("metrics.json", metrics)
 
-    plotting.elbo_curve(fitted.trace, folder.path / "elbo.png", title=f"{mf.name} / {guide_name} / {cfg.elbo}")
+    plotting.elbo_curve(fitted.trace, folder.path / "elbo.png", title=title)
     if spec.plots:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=devices):
             seed_everything(cfg.seed)
             spec.plots(fitted, folder.path)
     # draws of the global latents from the fitted guide, for ArviZ (none: no posterior.nc)
-    from ppl_gen.posterior import save_guide_posterior
     save_guide_posterior(fitted, folder.path / "posterior.nc", seed=cfg.seed)
     return fitted, metrics
+
+
+def heldout_evaluator(cfg: RunConfig, spec, guide_name: str, guide, dataset, before=None):
+    """The held-out ELBO per point; guides that cannot see new data get their held-out form."""
+    from ppl_gen.train import evaluate_elbo
+
+    def evaluate():
+        if dataset.test is None:
+            return None
+        if before:
+            before()
+        test_guide = spec.heldout_guide(guide_name, dataset.test) if spec.heldout_guide else guide
+        return evaluate_elbo(spec.model, test_guide, dataset.test, cfg.elbo, cfg.eval_particles, seed=cfg.seed)
+    return evaluate
+
+
+def run(cfg: RunConfig, model_file=None):
+    """Fit cfg.model_file and write the run folder; returns (FittedRun, metrics)."""
+    from ppl_gen.protocol import load_model_file
+    from ppl_gen.train import Trainer, make_elbo
+
+    mf = model_file or load_model_file(cfg.model_file)
+    if cfg.backend == "numpyro":  # imported only when asked for: numpyro and jax are an optional extra
+        from inference import numpyro_backend
+
+        return numpyro_backend.run(cfg, mf)
+    device, options, dataset, spec, guide_name, guide = prepare(cfg, mf)
+    elbo = make_elbo(cfg.elbo, jit=cfg.jit, num_particles=cfg.num_particles)
+    trainer = Trainer(spec.model, guide, dataset.train, elbo, lr=cfg.lr, batch_size=cfg.batch_size,
+                      seed=cfg.seed, validate=cfg.validate, local_params=spec.local_params,
+                      local_lr=spec.local_lr, update=spec.updates.get(guide_name))
+    folder, start, seconds0, config = open_run(cfg, mf, trainer, guide_name, device, dataset, options,
+                                               trainer.schedule.batch_size)
+    evaluate = heldout_evaluator(cfg, spec, guide_name, guide, dataset)
+    seconds = train_loop(cfg, trainer, folder, evaluate, start, seconds0, desc=f"{mf.name}/{guide_name}")
+    return finish(cfg, mf, spec, guide_name, guide, dataset, options, device, config, folder, seconds,
+                  evaluate, title=f"{mf.name} / {guide_name} / {cfg.elbo}")
 
 
 SUMMARY_SKIP = {"model", "guide", "elbo", "jit", "steps", "seconds", "seconds_per_step", "device", "seed", "n_parameters",
