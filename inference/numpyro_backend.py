@@ -31,6 +31,7 @@ import math
 from typing import Callable
 
 from ppl_gen.errors import TrainingDiverged, UserError
+from ppl_gen.train import call_args  # the same batch-argument convention as the Pyro path
 
 MISSING = '--backend numpyro needs the numpyro extra: pip install -e ".[numpyro]"'
 
@@ -92,16 +93,6 @@ def to_jax(value):
     from ppl_gen.numpyro_twin import to_numpy
 
     return None if value is None else jnp.asarray(to_numpy(value))
-
-
-def call_args(fn: Callable, x, idx, size: int):
-    """The twin's counterpart of ``ppl_gen.train.call_args``: batch rows, row numbers, and
-    the full set's size as a keyword (a Python int, constant under jit)."""
-    from ppl_gen.protocol import takes_minibatches
-
-    if idx is None or not takes_minibatches(fn):
-        return (x,), {}
-    return (x[idx], idx), {"size": size}
 
 
 # ---------------------------------------------------------------- parameters both ways
@@ -342,4 +333,4 @@ def run(cfg, mf):
                              desc=f"{mf.name}/{guide_name} (numpyro)")
     copy_to_pyro(trainer.params())
     return svi.finish(cfg, mf, spec, guide_name, guide, dataset, options, device, config, folder, seconds,
-                      evaluate, title=f"{mf.name} / {guide_name} / {cfg.elbo} (numpyro)")
+                      title=f"{mf.name} / {guide_name} / {cfg.elbo} (numpyro)")

@@ -18,8 +18,6 @@ reports the median round; the ratio to the hand-written step is what to read.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,8 +28,8 @@ import pyro.optim
 import torch
 from torch.nn import functional as F
 
+from . import benchkit
 from .device import resolve_device
-from .errors import UserError
 from .train import Trainer, make_elbo
 
 
@@ -116,8 +114,7 @@ def _table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ppl_gen.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchkit.parser("python -m ppl_gen.bench", __doc__)
     p.add_argument("which", choices=["vae"], help="what to benchmark")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--x-dim", type=int, default=784)
@@ -126,22 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100, help="steps per method per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", help="also write the result to this JSON file")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        result = bench_vae(args.batch_size, args.x_dim, args.hidden_dim, args.latent_dim, args.steps,
-                           args.rounds, args.device)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return benchkit.run(args, lambda: bench_vae(args.batch_size, args.x_dim, args.hidden_dim, args.latent_dim,
+                                                args.steps, args.rounds, args.device), _table)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ reported as ratios against the baseline, never asserted in a test.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -112,35 +110,24 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import benchkit
     from .errors import UserError
 
-    p = argparse.ArgumentParser(prog="python -m ppl_gen.bench_backends", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchkit.parser("python -m ppl_gen.bench_backends", __doc__)
     p.add_argument("cases", nargs="*", help=f"which: {', '.join(CASES)} (default: all)")
     p.add_argument("--steps", type=int, default=100, help="steps per round (default: 100)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported (default: 5)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
-    try:
+
+    def measure():
         from inference.numpyro_backend import require_numpyro
 
         require_numpyro()
-        import torch
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
         unknown = [c for c in args.cases if c not in CASES]
         if unknown:
             raise UserError(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
-        results = [bench_case(c, args.steps, args.rounds) for c in (args.cases or list(CASES))]
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+        return [bench_case(c, args.steps, args.rounds) for c in (args.cases or list(CASES))]
+    return benchkit.run(args, measure, table)
 
 
 if __name__ == "__main__":

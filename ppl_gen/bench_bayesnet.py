@@ -11,8 +11,6 @@ two answers are compared too. The ALARM network is the BIF file that pgmpy ships
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import bayesnet as bn
+from . import benchkit
 from .errors import UserError
 
 # five observed clinical measurements, in the spirit of ALARM's monitoring use
@@ -75,29 +74,21 @@ def bench(repeats: int = 5) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def report(r: dict) -> str:
+    return "\n".join([
+        f"ALARM ({r['nodes']} nodes), evidence {r['evidence']}: all {r['queried']} posterior marginals, "
+        f"median of {r['repeats']}",
+        f"  ppl_gen (one contraction + gradient): {1e3 * r['ppl_gen_seconds']:.1f} ms",
+        f"  pgmpy VariableElimination.query:      {1e3 * r['pgmpy_seconds']:.1f} ms",
+        f"  ratio pgmpy / ppl_gen: {r['pgmpy_over_ppl_gen']:.2f}; largest marginal difference "
+        f"{r['max_abs_marginal_difference']:.1e}; log P(e) = {r['log_evidence']:.4f}"])
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ppl_gen.bench_bayesnet", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchkit.parser("python -m ppl_gen.bench_bayesnet", __doc__)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", help="also write the result to this JSON file")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        r = bench(args.repeats)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"ALARM ({r['nodes']} nodes), evidence {r['evidence']}: all {r['queried']} posterior marginals, "
-          f"median of {r['repeats']}")
-    print(f"  ppl_gen (one contraction + gradient): {1e3 * r['ppl_gen_seconds']:.1f} ms")
-    print(f"  pgmpy VariableElimination.query:      {1e3 * r['pgmpy_seconds']:.1f} ms")
-    print(f"  ratio pgmpy / ppl_gen: {r['pgmpy_over_ppl_gen']:.2f}; largest marginal difference "
-          f"{r['max_abs_marginal_difference']:.1e}; log P(e) = {r['log_evidence']:.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
-    return 0
+    return benchkit.run(args, lambda: bench(args.repeats), report)
 
 
 if __name__ == "__main__":

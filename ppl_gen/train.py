@@ -46,9 +46,12 @@ def make_elbo(name: str, jit: bool = False, num_particles: int = 1, **kwargs) ->
     return cls(num_particles=num_particles, **kwargs)
 
 
-def call_args(fn: Callable, x: torch.Tensor, idx: torch.Tensor | None, size: int):
-    """Positional tensors (so a JIT trace sees them) and the constant ``size`` as keyword."""
-    if idx is None or not takes_minibatches(fn):
+def call_args(fn: Callable, x: torch.Tensor, idx: torch.Tensor | None, size: int, batched: bool | None = None):
+    """Positional tensors (so a JIT trace sees them) and the constant ``size`` as keyword.
+    ``batched``: whether fn takes minibatches, when the caller already knows (hot loops)."""
+    if batched is None:
+        batched = takes_minibatches(fn)
+    if idx is None or not batched:
         return (x,), {}
     return (x[idx], idx), {"size": size}
 
@@ -143,8 +146,9 @@ class Trainer:
         # a guide fitted by closed-form updates (e.g. CAVI) instead of gradient steps
         self.update = update
         self.n = x.shape[0]
-        if batch_size is not None and batch_size < self.n and not (
-                takes_minibatches(model) and takes_minibatches(guide)):
+        # read the signatures once, not on every step
+        self.batched = takes_minibatches(model) and takes_minibatches(guide)
+        if batch_size is not None and batch_size < self.n and not self.batched:
             raise UserError(f"--batch-size {batch_size} needs a model and guide that take "
                             "(x, idx=None, size=None); this file's take only x: drop --batch-size")
         self.schedule = BatchSchedule(self.n, batch_size, seed, x.device)
@@ -166,7 +170,7 @@ class Trainer:
             self.optim.add(new, named)
 
     def _args(self, t: int):
-        return call_args(self.model, self.x, self.schedule(t), self.n)
+        return call_args(self.model, self.x, self.schedule(t), self.n, self.batched)
 
     def loss(self, t: int) -> torch.Tensor:
         args, kwargs = self._args(t)
