@@ -14,16 +14,6 @@ from ppl_gen.protocol import load_model_file
 from ppl_gen.train import Trainer, make_elbo
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Many tiny ops: on a busy 2-core box torch's thread pool only slows them down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(n)
-
-
 def build(options, spec="sample"):
     mf = load_model_file("models/markov_chain.py")
     opts = mf.options(options)
