@@ -7,7 +7,6 @@ import math
 
 import pyro
 import pytest
-import torch
 
 from ppl_gen import text as texts
 from ppl_gen.protocol import load_model_file
