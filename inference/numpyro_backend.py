@@ -57,6 +57,16 @@ def elbo_class(name: str):
     return table[name]
 
 
+def twin_elbo(twin, name: str) -> str:
+    """The NumPyro estimator for ``--elbo name`` with this twin: ``enum`` is the twin's
+    ``enum_as`` where it has nothing to enumerate (``NumpyroTwin.enum_as``); a name without
+    a NumPyro counterpart is one error line."""
+    if name == "enum" and twin.enum_as:
+        name = twin.enum_as
+    elbo_class(name)
+    return name
+
+
 # ---------------------------------------------------------------- the twin
 def load_twin(mf, options, dataset):
     """Call the model file's ``numpyro_twin(options, dataset)``; clear errors when it has none."""
@@ -184,6 +194,7 @@ class NumpyroTrainer:
                        elbo_class(elbo_name)(num_particles=num_particles))
         args, kwargs = self._args(1)
         names = self._param_names(args, kwargs)
+        self._refuse_discrete_without_score(elbo_name, args, kwargs)
         unknown = sorted(set(names) - set(init_params))
         if unknown:
             raise UserError(f"the NumPyro twin has parameters the Pyro model does not create ({', '.join(unknown[:3])}); "
@@ -214,6 +225,24 @@ class NumpyroTrainer:
             tr = handlers.trace(handlers.seed(fn, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
             names += [k for k, s in tr.items() if s["type"] == "param" and k not in names]
         return names
+
+    def _refuse_discrete_without_score(self, elbo_name: str, args, kwargs) -> None:
+        """NumPyro's Trace_ELBO and TraceMeanField_ELBO add no score-function term (Pyro's
+        Trace_ELBO does): a discrete draw carries no gradient, so their gradient for its guide
+        parameters is -grad log q(z), zero in expectation. NumPyro only warns; this refuses."""
+        import jax
+        from numpyro import handlers
+
+        cls = elbo_class(elbo_name)
+        if getattr(cls, "can_infer_discrete", False):
+            return
+        tr = handlers.trace(handlers.seed(self.guide, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+        discrete = [k for k, s in tr.items() if s["type"] == "sample" and not s["is_observed"]
+                    and s["fn"].support.is_discrete]
+        if discrete:
+            raise UserError(f"NumPyro's {cls.__name__} has no score-function term, so it cannot fit the guide of the "
+                            f"discrete latent {', '.join(discrete[:3])}; with --backend numpyro use --elbo tracegraph, "
+                            "or --backend pyro (its --elbo enum sums discrete latents exactly)")
 
     def step(self, t: int) -> float:
         """One jitted SVI step; returns -ELBO per data point (the batch's estimate)."""
@@ -308,8 +337,8 @@ def run(cfg, mf):
     if spec.updates.get(guide_name):
         raise UserError(f"guide {guide_name!r} is fitted by closed-form updates, which run on the Pyro side "
                         "only; use --backend pyro for it")
-    elbo_class(cfg.elbo)  # an unsupported --elbo fails before any work
     twin = load_twin(mf, options, dataset)
+    elbo_name = twin_elbo(twin, cfg.elbo)  # an unsupported --elbo fails before any training work
     tguide = twin_guide(twin, guide_name, mf.path.name)
     # The Pyro side creates the parameters exactly as a Pyro run would (same seed, same
     # initializers): that is NumPyro's starting point, and where evaluation reads them back.
@@ -317,7 +346,7 @@ def run(cfg, mf):
                         batch_size=cfg.batch_size, seed=cfg.seed, local_params=spec.local_params,
                         local_lr=spec.local_lr)
     pyro_side.init_params()
-    trainer = NumpyroTrainer(twin.model, tguide, to_jax(dataset.train), pyro_side.schedule, cfg.elbo, cfg.lr,
+    trainer = NumpyroTrainer(twin.model, tguide, to_jax(dataset.train), pyro_side.schedule, elbo_name, cfg.lr,
                              cfg.seed, pyro_params(), cfg.num_particles,
                              local_params=tuple(set(twin.local_params) | set(spec.local_params)),
                              local_lr=spec.local_lr)

@@ -115,3 +115,73 @@ def build(options: Options, dataset: Dataset) -> Spec:
     lm = LanguageModel(options, dataset)
     return Spec(model=lm.model, guides={"none": lm.guide}, evaluate=lm.evaluate,
                 description=__doc__.split("\n")[0])
+
+
+# ---------------------------------------------------------------- the NumPyro twin
+def numpyro_twin(options: Options, dataset: Dataset):
+    """The NumPyro twin (``--backend numpyro``; Phan et al. 2019): CharRNN in JAX with the
+    torch module's parameters under their Pyro store names (``char_rnn$$$rnn.weight_ih_l0``
+    ...), torch's layouts and gate order, so the runner starts both backends from the same
+    weights and evaluates the NumPyro fit with the torch network above.
+
+    torch.nn.GRU (Cho et al. 2014) stacks the gates r, z, n along the rows of
+    ``weight_ih_l0`` [3H, E] and ``weight_hh_l0`` [3H, H], with two bias vectors, and puts
+    the reset gate on the recurrent term *after* its bias (as cuDNN does):
+
+        r = s(W_ir x + b_ir + W_hr h + b_hr),   z = s(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),   h' = (1 - z) * n + z * h
+
+    torch.nn.LSTM (Hochreiter & Schmidhuber 1997) stacks i, f, g, o [4H, .]:
+    c' = s(f) * c + s(i) * tanh(g),  h' = s(o) * tanh(c').
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+
+    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate, linear
+
+    V, E, H = len(dataset.meta["alphabet"]), options.embed, options.hidden
+    gates = 3 if options.cell == "gru" else 4
+    sigmoid = jax.nn.sigmoid
+
+    def param(name, *shape):
+        return numpyro.param(f"char_rnn$$${name}", jnp.zeros(shape, jnp.float32))
+
+    def gru(h, gi, W_hh, b_hh):
+        i_r, i_z, i_n = jnp.split(gi, 3, -1)
+        h_r, h_z, h_n = jnp.split(h @ W_hh.T + b_hh, 3, -1)
+        r, z = sigmoid(i_r + h_r), sigmoid(i_z + h_z)
+        n = jnp.tanh(i_n + r * h_n)
+        h = (1 - z) * n + z * h
+        return h, h
+
+    def lstm(state, gi, W_hh, b_hh):
+        h, c = state
+        i, f, g, o = jnp.split(gi + h @ W_hh.T + b_hh, 4, -1)
+        c = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
+        h = sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+
+    def logits_of(x):
+        """CharRNN.forward on LanguageModel.shifted(x): the logits of p(x_t | x_<t)."""
+        n = x.shape[0]
+        prev = jnp.concatenate([jnp.full((n, 1), V, x.dtype), jnp.clip(x[:, :-1], 0)], 1)
+        emb = param("embed.weight", V + 1, E)[prev]
+        W_ih, W_hh = param("rnn.weight_ih_l0", gates * H, E), param("rnn.weight_hh_l0", gates * H, H)
+        b_ih, b_hh = param("rnn.bias_ih_l0", gates * H), param("rnn.bias_hh_l0", gates * H)
+        gi = jnp.swapaxes(emb @ W_ih.T + b_ih, 0, 1)    # [T, n, gH]: input terms of every step at once
+        h0 = jnp.zeros((n, H), emb.dtype)
+        cell, state = (gru, h0) if options.cell == "gru" else (lstm, (h0, h0))
+        _, hs = jax.lax.scan(lambda s, g: cell(s, g, W_hh, b_hh), state, gi)
+        return linear("char_rnn$$$out", jnp.swapaxes(hs, 0, 1), H, V)
+
+    def model(x, idx=None, size=None):
+        logits = logits_of(x)
+        with data_plate(x, idx, size):
+            numpyro.sample("x", nd.Categorical(logits=logits).mask(x >= 0).to_event(1), obs=jnp.clip(x, 0))
+
+    def guide(x, idx=None, size=None):
+        """No latent variables: nothing to approximate."""
+
+    return NumpyroTwin(model=model, guides={"none": guide}, description=__doc__.split("\n")[0])

@@ -43,12 +43,17 @@ class NumpyroTwin:
     float64 (``jax_enable_x64``), for models whose Pyro side computes in float64.
     ``local_params`` names per-data-point parameters (one row per training example): the
     backend updates only the rows a step touched, like ``ppl_gen.optim.RowwiseAdam``.
+    ``enum_as`` names the estimator that stands for ``--elbo enum`` in a twin with nothing to
+    enumerate (no discrete latent site), where Pyro's TraceEnum_ELBO computes exactly
+    Trace_ELBO's estimate: ``"trace"``. Left None, ``--elbo enum`` is refused (NumPyro's
+    TraceEnum_ELBO needs funsor).
     """
 
     model: Callable
     guides: dict[str, Callable]
     x64: bool = False
     local_params: tuple[str, ...] = ()
+    enum_as: str | None = None
     description: str = ""
     extras: dict = field(default_factory=dict)
 
