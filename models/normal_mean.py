@@ -111,3 +111,33 @@ def build(options: Options, dataset: Dataset) -> Spec:
     nm = NormalMean(options)
     return Spec(model=nm.model, guides={"normal": nm.normal, "map": nm.map}, evaluate=nm.evaluate,
                 description=__doc__.split("\n")[0])
+
+
+def numpyro_twin(options: Options, dataset: Dataset):
+    """The NumPyro twin (``--backend numpyro``, Phan et al. 2019): the same conjugate model,
+    both guides with the Pyro store's parameter names (``m``, ``s``; ``map_m``), and float64
+    like the Pyro side's data."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+
+    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+
+    o = options
+
+    def model(x, idx=None, size=None):
+        mu = numpyro.sample("mu", nd.Normal(jnp.asarray(o.prior_mean, x.dtype), jnp.asarray(o.prior_sd, x.dtype)))
+        with data_plate(x, idx, size):
+            numpyro.sample("x", nd.Normal(mu, o.sigma), obs=x)
+
+    def normal(x, idx=None, size=None):
+        """q(mu) = N(m, s^2), started at the prior."""
+        m = numpyro.param("m", jnp.asarray(o.prior_mean, x.dtype))
+        s = numpyro.param("s", jnp.asarray(o.prior_sd, x.dtype), constraint=nd.constraints.positive)
+        numpyro.sample("mu", nd.Normal(m, s))
+
+    def map_guide(x, idx=None, size=None):
+        """q(mu) = delta(mu - m): MAP estimation."""
+        numpyro.sample("mu", nd.Delta(numpyro.param("map_m", jnp.asarray(o.prior_mean, x.dtype))))
+
+    return NumpyroTwin(model=model, guides={"normal": normal, "map": map_guide}, x64=True)
