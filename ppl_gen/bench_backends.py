@@ -26,6 +26,8 @@ CASES = {
     "conjugate": ("tests/inference/conjugate_model.py", {}, None, None),
     "gaussian_net": ("models/gaussian_net.py", {}, None, None),
     "markov_chain": ("models/markov_chain.py", {}, "sample", None),
+    "bayes_net": ("models/bayes_net.py", {"learn_from": str(ROOT / "models/networks/lecture_500.csv")}, None, None),
+    "char_rnn": ("models/char_rnn.py", {}, None, 32),
 }
 
 
@@ -63,7 +65,7 @@ def bench_case(name: str, steps: int = 100, rounds: int = 5, seed: int = 0) -> d
     runner.init_params()
     twin = nb.load_twin(mf, options, dataset)
     numpyro = nb.NumpyroTrainer(twin.model, twin.guides[guide_name], nb.to_jax(dataset.train), runner.schedule,
-                                elbo, 1e-3, seed, nb.pyro_params())
+                                nb.twin_elbo(twin, elbo), 1e-3, seed, nb.pyro_params())
     methods = {"pyro runner": runner.step, "numpyro jit": numpyro.step}
     if name.startswith("vae"):
         from .bench import _hand_written_step
