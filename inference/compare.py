@@ -32,6 +32,7 @@ COLUMNS = [
     ("train_elbo_per_token", "train ELBO/token", "{:.3f}"),
     ("test_perplexity", "held-out perplexity", "{:.1f}"),
     ("npmi", "mean NPMI", "{:.3f}"),
+    ("variational_parameters", "variational parameters", "{:,}"),
     ("topic_tv", "topic TV", "{:.3f}"),
     ("infer_seconds_1000", "s to infer 1,000 docs", "{:.3f}"),
 ]

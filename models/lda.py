@@ -71,10 +71,19 @@ class Options:
     min_df: int = field(default=2, metadata={"help": "text data: drop words in fewer training documents"})
     max_df: float = field(default=0.5, metadata={"help": "text data: drop words in more than this share of them"})
     hidden: int = field(default=100, metadata={"help": "width of the amortized encoder's two hidden layers"})
+    init: str = field(default="documents", metadata={
+        "choices": ("documents", "random"),
+        "help": "starting topics of every scheme: documents (K training documents picked by k-means++ "
+                "seeding, plus noise) or random (near-uniform Gamma(100, 1/100) noise only)"})
+    local_update: str = field(default="estep", metadata={
+        "choices": ("estep", "adam"),
+        "help": "explicit guide: how a document's gamma_m moves when the document is visited. estep: to "
+                "its optimum given the topics, by coordinate ascent (Hoffman et al. 2013's local step); "
+                "adam: one Adam step of a free per-document parameter, jointly with the topics"})
     local_lr: float = field(default=0.1, metadata={
-        "help": "Adam rate of the explicit guide's per-document log gamma (training and held-out fits)"})
+        "help": "--local-update adam: Adam rate of the per-document log gamma (training and held-out fits)"})
     local_steps: int = field(default=200, metadata={
-        "help": "Adam steps that fit gamma of a new document (explicit guide) with the topics fixed"})
+        "help": "--local-update adam: Adam steps that fit gamma of a new document with the topics fixed"})
     cavi_iters: int = field(default=100, metadata={"help": "most E-step sweeps per CAVI step"})
     infer_docs: int = field(default=200, metadata={
         "help": "documents timed for 'seconds to infer theta of 1,000 new documents' (scaled to 1,000)"})
@@ -141,15 +150,13 @@ class Encoder(nn.Module):
 
 
 class LDA:
-    def __init__(self, V: int, options: Options, device, seed: int = 0):
-        self.K, self.V, self.options = options.topics, V, options
+    def __init__(self, x: torch.Tensor, options: Options, seed: int = 0):
+        self.K, self.V, self.options = options.topics, x.shape[-1], options
         self.alpha, self.eta = options.alpha, options.eta
-        self.encoder = Encoder(V, options.hidden, self.K, self.alpha).to(device)
-        # every scheme starts from the same random topics, lambda ~ Gamma(100, 1/100) as in
-        # Hoffman et al. 2013 and scikit-learn: near-uniform, with the noise that breaks symmetry
+        self.encoder = Encoder(self.V, options.hidden, self.K, self.alpha).to(x.device)
+        # every scheme starts from the same topics for the same --seed (see lda.initial_topics)
         g = torch.Generator().manual_seed(seed)
-        self.lambda0 = torch._standard_gamma(torch.full((self.K, V), 100.0, dtype=torch.float64),
-                                             generator=g).div(100).float().to(device)
+        self.lambda0 = lda.initial_topics(x, self.K, g, options.init)
 
     # -- model -------------------------------------------------------------------
     def model(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
@@ -188,7 +195,27 @@ class LDA:
 
     # -- guides --------------------------------------------------------------------
     def explicit(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
-        """q(theta_m) = Dir(gamma_m) with free gamma_m per training document."""
+        """q(theta_m) = Dir(gamma_m), one gamma_m per document, found for that document alone.
+
+        ``--local-update estep`` (default): at each visit gamma_m goes to its optimum given the
+        current topics (the E-step from a flat start), and only q(beta) takes the gradient step:
+        the local/global split of Hoffman et al. (2013, Algorithm 1), with Adam on lambda instead
+        of their natural gradient. gamma_m is then a function of (x_m, lambda), so it needs no
+        storage. ``--local-update adam``: gamma_m is a free parameter that takes one Adam step
+        per visit, jointly with lambda (:meth:`free`)."""
+        if self.options.local_update == "adam":
+            return self.free(x, idx, size)
+        lam = self._q_beta(x)
+        # the optimum of each document's ELBO in gamma_m with the topics fixed; no gradient flows
+        # into it: by the envelope theorem the gradient in lambda at the optimum is the total one
+        gamma = lda.e_step(x, lam.detach(), self.alpha, iters=self.options.cavi_iters)[0]
+        with data_plate(x, idx, size, name="documents"):
+            pyro.sample("theta", dist.Dirichlet(gamma.double()))
+        self._q_z(x, idx, size, gamma, lam)
+
+    def free(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
+        """q(theta_m) = Dir(gamma_m) with a free parameter gamma_m per training document (in
+        Pyro's store, row-wise Adam); also the guide that CAVI's closed-form updates fill."""
         lam = self._q_beta(x)
         D = x.shape[0] if size is None else size
         with data_plate(x, idx, size, name="documents"):
@@ -238,13 +265,20 @@ class LDA:
         lam = pyro.param("lambda").detach()
         if guide_name == "amortized":
             return self.encoder(x)
-        if guide_name == "explicit":
+        if guide_name == "explicit" and self.options.local_update == "adam":
             return lda.fit_gamma(x, lam, self.alpha, self.options.local_steps, self.options.local_lr)
         return lda.e_step(x, lam, self.alpha, iters=self.options.cavi_iters)[0]
 
+    @torch.no_grad()
+    def train_gamma(self, guide_name: str, x: torch.Tensor) -> torch.Tensor:
+        """gamma of the training documents as the fitted guide has them."""
+        if guide_name == "amortized" or (guide_name == "explicit" and self.options.local_update == "estep"):
+            return self.infer_gamma(guide_name, x)
+        return pyro.param("gamma").detach()
+
     def heldout_guide(self, guide_name: str, x: torch.Tensor):
-        if guide_name == "amortized":
-            return self.amortized
+        if guide_name == "amortized" or (guide_name == "explicit" and self.options.local_update == "estep"):
+            return getattr(self, guide_name)
         return partial(self.fixed, self.infer_gamma(guide_name, x))
 
     # -- evaluation ----------------------------------------------------------------
@@ -253,10 +287,14 @@ class LDA:
         name, ds = run.guide_name, run.dataset
         lam = pyro.param("lambda").detach()
         train = ds.train
-        gamma = self.encoder(train) if name == "amortized" else pyro.param("gamma").detach()
+        gamma = self.train_gamma(name, train)
         out = {"train_elbo_per_token": lda.elbo(train, gamma, lam, self.alpha, self.eta).item() / train.sum().item(),
                "npmi": lda.npmi(lam, train).mean().item(),
-               "local_parameters_per_document": 0 if name == "amortized" else self.K}
+               "local_parameters_per_document": 0 if name == "amortized" else self.K,
+               # lambda, plus gamma (K per training document; under --local-update estep recomputed
+               # at each visit, not stored) or the encoder's weights, which do not grow with D
+               "variational_parameters": self.K * self.V + (sum(p.numel() for p in self.encoder.parameters())
+                                                            if name == "amortized" else self.K * train.shape[0])}
         if ds.test is not None:
             out.update(lda.document_completion(lambda h: self.infer_gamma(name, h), lam, ds.test))
             reps = -(-self.options.infer_docs // len(ds.test))
@@ -302,11 +340,13 @@ def build(options: Options, dataset: Dataset, elbo: str | None = None) -> Spec:
     x = dataset.train
     if (x < 0).any() or (x != x.round()).any():
         raise UserError("LDA needs non-negative integer word counts as data")
-    model = LDA(x.shape[-1], o, x.device)
+    # the runner seeds torch with --seed before build(): the starting topics follow --seed,
+    # so runs with different seeds are restarts from different points
+    model = LDA(x, o, seed=torch.initial_seed())
     model.doc_lengths = x.sum(-1).cpu()
     model.corpus = _CORPORA.get(dataset.meta.get("corpus", ""))
     return Spec(model=model.model,
-                guides={"explicit": model.explicit, "amortized": model.amortized, "cavi": model.explicit},
+                guides={"explicit": model.explicit, "amortized": model.amortized, "cavi": model.free},
                 updates={"cavi": model.cavi_update}, evaluate=model.evaluate, plots=model.plots,
                 local_params=("gamma",), local_lr=o.local_lr, heldout_guide=model.heldout_guide,
                 description=__doc__.split("\n")[0])

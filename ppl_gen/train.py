@@ -195,14 +195,22 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Encountered NaN")
             if self.optim is not None:
                 self.optim.zero_grad()
-            if hasattr(self.elbo, "differentiable_loss"):
-                loss = self.loss(t)
-                value = loss.item()
-                if math.isfinite(value):
-                    loss.backward()
-            else:  # TraceGraph_ELBO builds a surrogate loss and differentiates it itself
-                args, kwargs = self._args(t)
-                value = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
+            try:
+                if hasattr(self.elbo, "differentiable_loss"):
+                    loss = self.loss(t)
+                    value = loss.item()
+                    if math.isfinite(value):
+                        loss.backward()
+                else:  # TraceGraph_ELBO builds a surrogate loss and differentiates it itself
+                    args, kwargs = self._args(t)
+                    value = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
+            except NotImplementedError as e:
+                # TraceMeanField_ELBO refuses a guide with discrete (non-reparameterized) sites
+                if "reparameterized" not in str(e):
+                    raise
+                raise UserError("--elbo meanfield needs a guide whose every sample is reparameterized; this "
+                                "guide samples discrete variables: use --elbo enum (exact sum) or --elbo "
+                                "tracegraph (score function)") from None
         if not math.isfinite(value):
             raise TrainingDiverged(f"the loss became {value} at step {t}")
         self._sync_optimizer()

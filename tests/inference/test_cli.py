@@ -104,6 +104,9 @@ def test_bad_input_errors(tmp_path, capsys):
     assert "cannot read" in _error([VAE, "--data", str(tmp_path / "corrupt.npz")], capsys)
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in _error([VAE, "--device", "cuda"], capsys)
+    bayes_net = str(Path(VAE).with_name("bayes_net.py"))
+    assert "--elbo meanfield needs a guide whose every sample is reparameterized" in _error(
+        [bayes_net, "--elbo", "meanfield", "--steps", "2", "--no-progress", "--out", str(tmp_path / "bn")], capsys)
 
 
 def test_fashion_mnist_missing_says_how_to_install(tmp_path, capsys, monkeypatch):
