@@ -30,6 +30,7 @@ or a CSV file with one sequence per row.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,3 +405,144 @@ def build(options: Options, dataset: Dataset) -> Spec:
                 evaluate=hmm.evaluate, plots=hmm.plots, description=__doc__.split("\n")[0],
                 # posterior.nc: A[states, next_state], B[states, symbol]; pi is over the states too
                 posterior_dims={"pi": ("states",), "A": ("states", "next_state"), "B": ("states", "symbol")})
+
+
+@functools.lru_cache(maxsize=None)
+def _softmax_simplex():
+    """A NumPyro simplex constraint unconstrained the way Pyro's parameter store does it.
+
+    Pyro keeps a ``constraint=simplex`` parameter as K free values u with p = softmax(u)
+    (torch's ``transform_to(simplex)``); NumPyro's ``biject_to(simplex)`` is the (K-1)-value
+    stick-breaking map. Adam is not invariant to the parametrization, so the MAP guide's
+    simplex rows would take other steps on NumPyro than on Pyro. This constraint is the
+    simplex, registered with the softmax map, so both backends optimize the same u."""
+    import jax
+    import jax.numpy as jnp
+    from numpyro.distributions import constraints
+    from numpyro.distributions.transforms import Transform, biject_to
+
+    class SoftmaxTransform(Transform):
+        domain, codomain = constraints.real_vector, constraints.simplex
+
+        def __call__(self, u):
+            return jax.nn.softmax(u, axis=-1)
+
+        def _inverse(self, p):  # torch's SoftmaxTransform.inv: one of the u with softmax(u) = p
+            return jnp.log(p)
+
+    class SoftmaxSimplex(type(constraints.simplex)):
+        pass
+
+    biject_to.register(SoftmaxSimplex, lambda constraint: SoftmaxTransform())
+    return SoftmaxSimplex()
+
+
+def numpyro_twin(options: Options, dataset: Dataset):
+    """The NumPyro twin (``--backend numpyro``, Phan et al. 2019): the same priors, the same
+    likelihood with the hidden states summed out by the scaled forward recursion (Rabiner
+    1989, eqs. 19-21 and section V-A; ``ppl_gen.hmm.forward`` ported to ``jax.lax.scan``),
+    and both guides with the Pyro store's parameter names and constraints. float32, as on
+    the Pyro side. ``extras["forward"]`` is the JAX forward algorithm itself (for tests)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import numpyro
+    import numpyro.distributions as nd
+
+    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+
+    hmm = HMM(options, dataset)            # K, V and the Gaussian scale (m, s) from the same data
+    K, gaussian = hmm.K, hmm.emission == "gaussian"
+    f32 = jnp.float32
+    if gaussian:
+        m, s = float(hmm.m), float(hmm.s)
+        quantiles = jnp.asarray(hmm.quantiles.cpu().numpy(), f32)
+    else:
+        V = hmm.V
+
+    def forward(log_pi, log_A, log_b, mask):
+        """log p(x_1..x_T) per sequence: alpha_t = [alpha_{t-1} A] * b(x_t), rescaled to sum 1
+        each step, log p(x) = sum_t log c_t. Emissions are shifted by their max over states
+        first (no underflow in the tails); padded steps (mask False) leave alpha unchanged."""
+        shift = log_b.max(-1)                                            # [n, T]
+        b = jnp.exp(log_b - shift[..., None])                            # in (0, 1]
+        A = jnp.exp(log_A)
+        alpha = jnp.exp(log_pi) * b[:, 0]                                # [n, K]
+        c = alpha.sum(-1)
+        alpha = alpha / c[:, None]
+        log_px = jnp.where(mask[:, 0], jnp.log(c) + shift[:, 0], 0.0)
+
+        def step(carry, inputs):
+            alpha, log_px = carry
+            b_t, shift_t, m_t = inputs
+            a = (alpha @ A) * b_t
+            c = a.sum(-1)
+            alpha = jnp.where(m_t[:, None], a / c[:, None], alpha)
+            return (alpha, log_px + jnp.where(m_t, jnp.log(c) + shift_t, 0.0)), None
+
+        time_major = lambda v: jnp.moveaxis(v[:, 1:], 1, 0)  # noqa: E731  scan runs over t = 2..T
+        (_, log_px), _ = jax.lax.scan(step, (alpha, log_px), (time_major(b), time_major(shift), time_major(mask)))
+        return log_px
+
+    def mask_of(x):
+        return ~jnp.isnan(x) if gaussian else x >= 0
+
+    def emission_log_prob(x, theta):
+        """log p(x_t | z_t = k): [n, T, K]; pads read symbol 0 (or x = 0) and are masked later."""
+        if not gaussian:
+            return jnp.log(theta["B"]).T[jnp.clip(x, 0)]
+        return nd.Normal(theta["mu"], theta["sigma"]).log_prob(jnp.nan_to_num(x)[..., None])
+
+    def model(x, idx=None, size=None):
+        ones = lambda *shape: jnp.ones(shape, f32)  # noqa: E731
+        pi = numpyro.sample("pi", nd.Dirichlet(ones(K)))
+        theta = {}
+        with numpyro.plate("states", K):                                  # one row per state i
+            A = numpyro.sample("A", nd.Dirichlet(ones(K, K)))
+            if gaussian:
+                theta["mu"] = numpyro.sample("mu", nd.Normal(m * ones(K), 2 * s * ones(K)))
+                theta["sigma"] = numpyro.sample("sigma", nd.LogNormal(math.log(s) * ones(K), ones(K)))
+            else:
+                theta["B"] = numpyro.sample("B", nd.Dirichlet(ones(K, V)))
+        log_b = emission_log_prob(x, theta)
+        with data_plate(x, idx, size):
+            numpyro.factor("x", forward(jnp.log(pi), jnp.log(A), log_b, mask_of(x)))
+
+    # HMM._init's starting points; the runner overwrites them with the Pyro side's values
+    # (B's there is a random draw; here a fixed one, only for standalone use)
+    init = {"pi": jnp.full(K, 1.0 / K, f32), "A": (jnp.ones((K, K), f32) + 8 * jnp.eye(K, dtype=f32)) / (K + 8)}
+    if gaussian:
+        init.update(mu=quantiles, sigma=jnp.full(K, s / K, f32))
+    else:
+        init["B"] = jnp.asarray(np.random.default_rng(0).dirichlet(np.full(V, 5.0), K), f32)
+    pos, simplex = nd.constraints.positive, _softmax_simplex()
+
+    def meanfield(x, idx=None, size=None):
+        """q(pi) q(A) q(theta) = Dir(pi) prod_i Dir(A_i) prod_i q(theta_i), as HMM.meanfield."""
+        numpyro.sample("pi", nd.Dirichlet(numpyro.param("q_pi", 20 * init["pi"], constraint=pos)))
+        with numpyro.plate("states", K):
+            numpyro.sample("A", nd.Dirichlet(numpyro.param("q_A", 20 * init["A"], constraint=pos)))
+            if gaussian:
+                loc = numpyro.param("q_mu_loc", init["mu"])
+                scale = numpyro.param("q_mu_scale", jnp.full(K, 0.1 * s, f32), constraint=pos)
+                numpyro.sample("mu", nd.Normal(loc, scale))
+                sloc = numpyro.param("q_sigma_loc", jnp.log(init["sigma"]))
+                sscale = numpyro.param("q_sigma_scale", jnp.full(K, 0.1, f32), constraint=pos)
+                numpyro.sample("sigma", nd.LogNormal(sloc, sscale))
+            else:
+                numpyro.sample("B", nd.Dirichlet(numpyro.param("q_B", 20 * init["B"], constraint=pos)))
+
+    def map_guide(x, idx=None, size=None):
+        """Point masses (MAP), as HMM.map; simplex rows unconstrained by softmax, as in Pyro's store."""
+        numpyro.sample("pi", nd.Delta(numpyro.param("map_pi", init["pi"], constraint=simplex), event_dim=1))
+        with numpyro.plate("states", K):
+            numpyro.sample("A", nd.Delta(numpyro.param("map_A", init["A"], constraint=simplex), event_dim=1))
+            if gaussian:
+                numpyro.sample("mu", nd.Delta(numpyro.param("map_mu", init["mu"])))
+                numpyro.sample("sigma", nd.Delta(numpyro.param("map_sigma", init["sigma"], constraint=pos)))
+            else:
+                numpyro.sample("B", nd.Delta(numpyro.param("map_B", init["B"], constraint=simplex), event_dim=1))
+
+    return NumpyroTwin(model=model, guides={"meanfield": meanfield, "map": map_guide},
+                       description="HMM, hidden states summed out by the forward algorithm (lax.scan)",
+                       extras={"forward": forward, "emission_log_prob": emission_log_prob, "mask_of": mask_of})
