@@ -28,6 +28,8 @@ CASES = {
     "markov_chain": ("models/markov_chain.py", {}, "sample", None),
     "bayes_net": ("models/bayes_net.py", {"learn_from": str(ROOT / "models/networks/lecture_500.csv")}, None, None),
     "char_rnn": ("models/char_rnn.py", {}, None, 32),
+    "hmm": ("models/hmm.py", {}, None, None),
+    "normal_mean": ("models/normal_mean.py", {}, None, None),
 }
 
 
