@@ -133,11 +133,12 @@ def copy_to_pyro(constrained: dict) -> None:
 
 
 def adam(lr: float, local_names=(), local_lr: float | None = None, b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-8):
+         eps: float = 1e-8, param_lr: dict[str, float] | None = None):
     """Adam (Kingma & Ba 2015) as a ``jax.example_libraries.optimizers.Optimizer`` over a dict of
     unconstrained parameters: torch's update and defaults. Parameters in ``local_names`` are
     updated row-wise (moments and bias correction counted per row; rows without gradient stay
-    exactly as they were), as ``ppl_gen.optim.RowwiseAdam`` does on the Pyro side.
+    exactly as they were), as ``ppl_gen.optim.RowwiseAdam`` does on the Pyro side. Global
+    parameters named in ``param_lr`` take their own rate (``Spec.param_lr``).
 
     The state of each parameter is (x, m, v, t); t is a scalar, or one count per row."""
     import jax.numpy as jnp
@@ -156,7 +157,8 @@ def adam(lr: float, local_names=(), local_lr: float | None = None, b1: float = 0
             t = t + 1
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * g * g
-            return x - lr * (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps), m, v, t
+            rate = param_lr.get(k, lr) if param_lr else lr
+            return x - rate * (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps), m, v, t
         touched = jnp.any(g.reshape(g.shape[0], -1) != 0, axis=1)
         rows = touched.reshape((-1,) + (1,) * (g.ndim - 1))
         t = t + touched.astype(t.dtype)
@@ -181,7 +183,7 @@ class NumpyroTrainer:
 
     def __init__(self, twin_model: Callable, twin_guide: Callable, x, schedule, elbo_name: str, lr: float,
                  seed: int, init_params: dict, num_particles: int = 1, local_params=(),
-                 local_lr: float | None = None):
+                 local_lr: float | None = None, param_lr: dict[str, float] | None = None):
         import jax
         import jax.numpy as jnp
         from numpyro.infer import SVI
@@ -189,7 +191,7 @@ class NumpyroTrainer:
         self.model, self.guide, self.schedule = twin_model, twin_guide, schedule
         self.x = x                                   # the whole training set, a JAX array
         self.n = int(x.shape[0])
-        self.optim = adam(lr, local_params, local_lr)
+        self.optim = adam(lr, local_params, local_lr, param_lr=param_lr)
         self.svi = SVI(twin_model, twin_guide, self.optim,
                        elbo_class(elbo_name)(num_particles=num_particles))
         args, kwargs = self._args(1)
@@ -349,7 +351,7 @@ def run(cfg, mf):
     trainer = NumpyroTrainer(twin.model, tguide, to_jax(dataset.train), pyro_side.schedule, elbo_name, cfg.lr,
                              cfg.seed, pyro_params(), cfg.num_particles,
                              local_params=tuple(set(twin.local_params) | set(spec.local_params)),
-                             local_lr=spec.local_lr)
+                             local_lr=spec.local_lr, param_lr=spec.param_lr)
     import jax
 
     folder, start, seconds0, config = svi.open_run(

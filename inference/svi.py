@@ -364,7 +364,8 @@ def run(cfg: RunConfig, model_file=None):
     elbo = make_elbo(cfg.elbo, jit=cfg.jit, num_particles=cfg.num_particles)
     trainer = Trainer(spec.model, guide, dataset.train, elbo, lr=cfg.lr, batch_size=cfg.batch_size,
                       seed=cfg.seed, validate=cfg.validate, local_params=spec.local_params,
-                      local_lr=spec.local_lr, update=spec.updates.get(guide_name))
+                      local_lr=spec.local_lr, update=spec.updates.get(guide_name), param_lr=spec.param_lr,
+                      buffers=spec.buffers)
     folder, start, seconds0, config = open_run(cfg, mf, trainer, guide_name, device, dataset, options,
                                                trainer.schedule.batch_size)
     evaluate = heldout_evaluator(cfg, spec, guide_name, guide, dataset)

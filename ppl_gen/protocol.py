@@ -52,6 +52,8 @@ class Spec:
     ``local_params`` names the per-data-point parameters (one row per training example,
     as in an explicit guide): a minibatch step updates only its own rows of them, with
     learning rate ``local_lr`` (default: ``--lr``): each row moves once per epoch only.
+    ``param_lr[name] = rate`` gives a global parameter its own Adam rate (e.g. topics that
+    must travel far in log space next to a network that needs a small rate).
     ``heldout_guide(guide_name, x) -> guide`` returns the guide to score new data ``x``
     with, for guides that cannot be applied to data they were not fitted on (an explicit
     guide fits fresh local parameters there); by default the guide itself is used.
@@ -70,6 +72,10 @@ class Spec:
     description: str = ""
     local_params: tuple[str, ...] = ()
     local_lr: float | None = None
+    # global parameters that take their own Adam rate instead of --lr, by name
+    param_lr: dict[str, float] = field(default_factory=dict)
+    # torch modules whose buffers (BatchNorm running statistics) checkpoints must keep
+    buffers: dict[str, torch.nn.Module] = field(default_factory=dict)
     updates: dict[str, Callable] = field(default_factory=dict)
     heldout_guide: Callable[[str, torch.Tensor], Callable] | None = None
     # names (or {name: labels}) for the dimensions of global latents in posterior.nc,

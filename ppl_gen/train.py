@@ -82,9 +82,12 @@ class Optimizers:
     minibatch step changes only its own rows of them. Parameters join in groups as Pyro
     creates them; the group structure (by parameter name) is saved with the state."""
 
-    def __init__(self, lr: float, local_names=(), local_lr: float | None = None):
+    def __init__(self, lr: float, local_names=(), local_lr: float | None = None,
+                 param_lr: dict[str, float] | None = None, buffers: dict[str, torch.nn.Module] | None = None):
         self.lr, self.local_names = lr, set(local_names)
         self.local_lr = lr if local_lr is None else local_lr
+        # global parameters with a rate of their own (Spec.param_lr), each in its own group
+        self.param_lr = dict(param_lr or {})
         self.parts: dict[str, torch.optim.Optimizer] = {}
         self.groups: dict[str, list[list[str]]] = {}
 
@@ -94,20 +97,23 @@ class Optimizers:
     def known(self) -> set[str]:
         return {k for groups in self.groups.values() for g in groups for k in g}
 
+    def _lr(self, kind: str, group: list[str]) -> float:
+        if kind == "local":
+            return self.local_lr
+        return self.param_lr.get(group[0], self.lr)
+
     def add(self, names: list[str], named: dict[str, torch.Tensor]) -> None:
         for kind in ("global", "local"):
             group = [k for k in names if (k in self.local_names) == (kind == "local")]
-            if not group:
-                continue
-            params = [named[k] for k in group]
-            if kind not in self.parts:
-                if kind == "local":
-                    self.parts[kind] = RowwiseAdam(params, lr=self.local_lr)
+            own = [[k] for k in group if kind == "global" and k in self.param_lr]
+            group = [k for k in group if not (kind == "global" and k in self.param_lr)]
+            for g in ([group] if group else []) + own:
+                params, lr = [named[k] for k in g], self._lr(kind, g)
+                if kind not in self.parts:
+                    self.parts[kind] = (RowwiseAdam if kind == "local" else torch.optim.Adam)(params, lr=lr)
                 else:
-                    self.parts[kind] = torch.optim.Adam(params, lr=self.lr)
-            else:
-                self.parts[kind].add_param_group({"params": params})
-            self.groups.setdefault(kind, []).append(group)
+                    self.parts[kind].add_param_group({"params": params, "lr": lr})
+                self.groups.setdefault(kind, []).append(g)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -132,8 +138,8 @@ class Optimizers:
                 self.add(group, named)
         for kind, opt in self.parts.items():
             opt.load_state_dict(state["states"][kind])
-            for group in opt.param_groups:  # a resumed run may change --lr
-                group["lr"] = self.local_lr if kind == "local" else self.lr
+            for group, names in zip(opt.param_groups, self.groups[kind]):  # a resumed run may change --lr
+                group["lr"] = self._lr(kind, names)
 
 
 class Trainer:
@@ -141,7 +147,8 @@ class Trainer:
 
     def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, elbo: pyro.infer.ELBO,
                  lr: float, batch_size: int | None = None, seed: int = 0, validate: bool = False,
-                 local_params=(), local_lr: float | None = None, update: Callable | None = None):
+                 local_params=(), local_lr: float | None = None, update: Callable | None = None,
+                 param_lr: dict[str, float] | None = None, buffers: dict[str, torch.nn.Module] | None = None):
         self.model, self.guide, self.x, self.elbo, self.lr = model, guide, x, elbo, lr
         # a guide fitted by closed-form updates (e.g. CAVI) instead of gradient steps
         self.update = update
@@ -153,7 +160,10 @@ class Trainer:
                             "(x, idx=None, size=None); this file's take only x: drop --batch-size")
         self.schedule = BatchSchedule(self.n, batch_size, seed, x.device)
         self.validate = validate
-        self.local_params, self.local_lr = tuple(local_params), local_lr
+        self.local_params, self.local_lr, self.param_lr = tuple(local_params), local_lr, dict(param_lr or {})
+        # modules whose buffers (BatchNorm running statistics) belong in checkpoints: Pyro's
+        # parameter store holds parameters only
+        self.buffers = dict(buffers or {})
         self.optim: Optimizers | None = None
 
     # Parameters live in Pyro's store (pyro.param, pyro.module); Adam sees their
@@ -164,7 +174,7 @@ class Trainer:
             return
         named = dict(store.named_parameters())
         if self.optim is None:
-            self.optim = Optimizers(self.lr, self.local_params, self.local_lr)
+            self.optim = Optimizers(self.lr, self.local_params, self.local_lr, self.param_lr)
         new = sorted(set(named) - self.optim.known())
         if new:
             self.optim.add(new, named)
@@ -238,6 +248,9 @@ class Trainer:
             "optimizer": self.optim.state_dict() if self.optim else {},
             "rng_torch": torch.get_rng_state(),
         }
+        if self.buffers:
+            state["buffers"] = {name: {k: b.detach().clone() for k, b in m.named_buffers()}
+                                for name, m in self.buffers.items()}
         if self.x.is_cuda:
             state["rng_cuda"] = torch.cuda.get_rng_state(self.x.device)
         return state
@@ -256,8 +269,14 @@ class Trainer:
                                     f"makes {tuple(named[k].shape)}; resume with the same model options")
                 named[k].copy_(v.to(named[k].device))
         if state.get("optimizer"):
-            self.optim = Optimizers(self.lr, self.local_params, self.local_lr)
+            self.optim = Optimizers(self.lr, self.local_params, self.local_lr, self.param_lr)
             self.optim.load_state_dict(state["optimizer"], dict(pyro.get_param_store().named_parameters()))
+        for name, saved in state.get("buffers", {}).items():
+            if name in self.buffers:
+                own = dict(self.buffers[name].named_buffers())
+                with torch.no_grad():
+                    for k, b in saved.items():
+                        own[k].copy_(b.to(own[k].device))
         torch.set_rng_state(state["rng_torch"].cpu())
         if "rng_cuda" in state and self.x.is_cuda:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.x.device)
