@@ -18,12 +18,15 @@ Variational family, the lecture's "uncollapsed variational inference, aka explic
 
 Three guides, ``--guide NAME``, for the same q(beta) and q(z):
 
-* ``explicit``: one free gamma_m per training document, trained with SVI on minibatches of
-  documents (only the batch's rows move, RowwiseAdam);
+* ``explicit``: one gamma_m per document, fitted for that document alone, with SVI on
+  minibatches of documents: at each visit gamma_m goes to its optimum given the topics and
+  q(beta) takes an Adam step (Hoffman et al. 2013's local/global split; ``--local-update adam``:
+  gamma_m a free parameter moved by Adam jointly with the topics, RowwiseAdam);
 * ``amortized``: an encoder network maps a document's counts to gamma_m, a Dirichlet q(theta)
   (AVITM-style inference for the LDA model, Srivastava & Sutton 2017, "Autoencoding
   Variational Inference for Topic Models", ICLR; they used a logistic-normal because Dirichlet
-  samples were not yet reparameterizable; Pyro's Dirichlet is, by implicit gradients);
+  samples were not yet reparameterizable; Pyro's Dirichlet is, by implicit gradients), with
+  their batch-normalized topic logits against component collapse;
 * ``cavi``: the closed-form coordinate-ascent updates of Blei et al. (2003) (stochastic
   form with minibatches, Hoffman et al. 2013), in Pyro's parameter store: the reference.
 
