@@ -90,6 +90,9 @@ def load_twin(mf, options, dataset):
 
 
 def twin_guide(twin, name: str, model_name: str) -> Callable:
+    if name in twin.refused:
+        raise UserError(f"guide {name!r} has no NumPyro twin in {model_name}: {twin.refused[name]}; "
+                        "use --backend pyro")
     if name not in twin.guides:
         raise UserError(f"guide {name!r} has no NumPyro twin in {model_name}; with --backend numpyro "
                         f"choose --guide {' or '.join(twin.guides)}")

@@ -373,3 +373,92 @@ def build(options: Options, dataset: Dataset, elbo: str | None = None) -> Spec:
                 local_params=("gamma",), local_lr=o.local_lr, heldout_guide=model.heldout_guide,
                 param_lr={"lambda": o.topic_lr} if o.topic_lr > 0 else {}, buffers={"encoder": model.encoder},
                 description=__doc__.split("\n")[0])
+
+
+def numpyro_twin(options: Options, dataset: Dataset):
+    """The NumPyro twin (``--backend numpyro``; Phan et al. 2019) of the ``explicit`` guide, both
+    ``--local-update`` forms, with the Pyro store's parameters: ``lambda`` (greater_than(eta),
+    unconstrained as log(lambda - eta) on both sides) and, for ``adam``, the per-document rows
+    ``gamma`` (greater_than(alpha), event_dim 1, row-wise Adam). theta and beta are float64
+    Dirichlet draws, as ``F64`` above, reparameterized; the E-step is ``ppl_gen.lda_jax.e_step``
+    (the same sweeps and stopping rule as ``lda.e_step``, in ``lax.while_loop``).
+
+    The sum over z. Pyro enumerates z_mn under q(z_mn) = Cat(phi_mn), phi at its optimum given
+    (gamma, lambda) and detached, so its ELBO is, per draw of (theta, beta),
+
+        sum_mv n_mv sum_k phi_mvk (log theta_mk + log beta_kv - log phi_mvk)
+          + log p(theta) p(beta) - log q(theta) q(beta)
+
+    (Blei et al. 2003, eq. 15, with theta and beta sampled instead of integrated). That sum over
+    k is linear in log theta and log beta, so the twin writes it as factors with the sites' Pyro
+    names: the model's ``z`` = sum n phi log theta and ``x`` = sum n phi log beta (E_q(z) of
+    log p(z | theta) and of log p(x | z, beta)), the guide's ``z`` = sum n phi log phi (E_q(z) of
+    log q(z); a guide factor enters log q). phi is a function of q's parameters, which the model
+    reads from the parameter store (for ``estep`` it reruns the E-step, a function of x and
+    lambda), under ``stop_gradient`` where Pyro detaches it; so this model is the ELBO's half for
+    this guide, not a standalone density (NUTS, ``--mcmc``, uses the Pyro model). Nothing
+    discrete is left to sample, and theta and beta are reparameterized, where TraceEnum_ELBO and
+    Trace_ELBO are the same estimator, so ``--elbo enum`` runs NumPyro's Trace_ELBO here (``enum_as="trace"``) and gives
+    the same estimate, draw for draw, as Pyro's enumeration (and the same gradient: phi is
+    constant on both sides, no score-function term on either). NumPyro's own TraceEnum_ELBO
+    would need funsor.
+
+    ``amortized`` is not mirrored: its encoder's BatchNorm1d updates running statistics as a
+    side effect of the forward pass, which NumPyro's functional SVI state would not carry, so
+    the held-out inference (eval mode) would read stale statistics. ``cavi`` is closed-form
+    updates, which the backend runs on the Pyro side only."""
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+
+    from ppl_gen import lda_jax
+    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+
+    K, (D, V) = options.topics, tuple(dataset.train.shape)
+    alpha, eta, f32, f64 = options.alpha, options.eta, jnp.float32, jnp.float64
+    frozen = jax.lax.stop_gradient
+    # the Pyro store's names and constraints; the values here only give shapes (the runner
+    # starts from the Pyro side's initial lambda and gamma)
+    lam_site = dict(init_value=jnp.full((K, V), eta + 1.0, f32), constraint=nd.constraints.greater_than(eta))
+    gamma_site = dict(init_value=jnp.full((D, K), alpha + 1.0, f32), constraint=nd.constraints.greater_than(alpha),
+                      event_dim=1)
+
+    def local_gamma(x, idx, lam):
+        """gamma of the batch's documents as the explicit guide has them: the E-step's optimum
+        given lambda (no gradient: the envelope theorem, see LDA.explicit), or the free rows."""
+        if options.local_update == "adam":
+            gamma = numpyro.param("gamma", **gamma_site)
+            return gamma if idx is None else gamma[idx]
+        return lda_jax.e_step(x, frozen(lam), alpha, iters=options.cavi_iters)[0]
+
+    def q_z(x, idx, lam):
+        """phi at its optimum given (gamma, lambda), in float64 and detached (LDA._q_z)."""
+        gamma = local_gamma(x, idx, lam)
+        return lda_jax.phi_factors(frozen(gamma).astype(f64), frozen(lam).astype(f64)), gamma
+
+    def model(x, idx=None, size=None):
+        with numpyro.plate("topics", K):
+            beta = numpyro.sample("beta", nd.Dirichlet(jnp.full((V,), eta, f64)))          # [K, V]
+        (log_a, log_b), _ = q_z(x, idx, numpyro.param("lambda", **lam_site))
+        with data_plate(x, idx, size, name="documents"):
+            theta = numpyro.sample("theta", nd.Dirichlet(jnp.full((K,), alpha, f64)))      # [B, K]
+            # E_q(z)[log p(z | theta)] and E_q(z)[log p(x | z, beta)], per document
+            numpyro.factor("z", lda_jax.phi_expectation(x, log_a, log_b, theta_term=jnp.log(theta)))
+            numpyro.factor("x", lda_jax.phi_expectation(x, log_a, log_b, topic_term=jnp.log(beta)))
+
+    def explicit(x, idx=None, size=None):
+        """q(beta) q(theta) q(z) as LDA.explicit, either --local-update."""
+        lam = numpyro.param("lambda", **lam_site)
+        with numpyro.plate("topics", K):
+            numpyro.sample("beta", nd.Dirichlet(lam.astype(f64)))
+        (log_a, log_b), gamma = q_z(x, idx, lam)
+        with data_plate(x, idx, size, name="documents"):
+            numpyro.sample("theta", nd.Dirichlet(gamma.astype(f64)))
+            numpyro.factor("z", lda_jax.phi_log_phi(x, log_a, log_b))     # E_q(z)[log q(z)] = -H[q(z)]
+
+    return NumpyroTwin(model=model, guides={"explicit": explicit}, x64=True, enum_as="trace",
+                       local_params=("gamma",) if options.local_update == "adam" else (),
+                       refused={"amortized": "its encoder's BatchNorm1d keeps running statistics, which "
+                                             "NumPyro's SVI state would not update"},
+                       description="LDA, the sum over topic assignments z in closed form (phi at its optimum)")

@@ -30,6 +30,8 @@ CASES = {
     "char_rnn": ("models/char_rnn.py", {}, None, 32),
     "hmm": ("models/hmm.py", {}, None, None),
     "normal_mean": ("models/normal_mean.py", {}, None, None),
+    # explicit guide, E-step local update (the defaults) on a small synthetic corpus, full batch
+    "lda": ("models/lda.py", {"docs": 200, "vocab": 50, "topics": 3, "words": 40}, "synthetic", None),
 }
 
 

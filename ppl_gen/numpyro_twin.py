@@ -46,7 +46,8 @@ class NumpyroTwin:
     ``enum_as`` names the estimator that stands for ``--elbo enum`` in a twin with nothing to
     enumerate (no discrete latent site), where Pyro's TraceEnum_ELBO computes exactly
     Trace_ELBO's estimate: ``"trace"``. Left None, ``--elbo enum`` is refused (NumPyro's
-    TraceEnum_ELBO needs funsor).
+    TraceEnum_ELBO needs funsor). ``refused`` maps a Pyro guide the twin does not mirror to
+    why not, for the backend's error line.
     """
 
     model: Callable
@@ -54,6 +55,7 @@ class NumpyroTwin:
     x64: bool = False
     local_params: tuple[str, ...] = ()
     enum_as: str | None = None
+    refused: dict[str, str] = field(default_factory=dict)
     description: str = ""
     extras: dict = field(default_factory=dict)
 
