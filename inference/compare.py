@@ -74,6 +74,32 @@ def choose_guides(requested: str | None, available: list[str], model_name: str, 
     return names
 
 
+def _numpyro_guides(model_file, options, dataset, spec, guides_flag: str | None, mcmc: bool = False) -> list[str]:
+    """The file's guides that run on NumPyro: a twin, and no closed-form updates. Named in
+    --guides but not runnable: the backend's own one-line reason. Not named: left out, with a note."""
+    from . import numpyro_backend as nb
+
+    nb.require_numpyro()
+    twin = nb.load_twin(model_file, options, dataset)
+    name = model_file.path.name
+    why = {g: ("fitted by closed-form updates, which run on Pyro only" if g in spec.updates
+               else twin.refused.get(g, "no NumPyro twin")) for g in spec.guides
+           if g in spec.updates or g not in twin.guides}
+    asked = [g.strip() for g in (guides_flag or "").split(",") if g.strip()]
+    for g in asked:
+        if g in why:
+            raise UserError(f"guide {g!r} of {name} cannot run with --backend numpyro ({why[g]}); "
+                            "leave it out of --guides or use --backend pyro")
+    runnable = [g for g in spec.guides if g not in why]
+    if why and not asked:
+        print(f"note: --backend numpyro leaves out {', '.join(f'{g} ({r})' for g, r in why.items())}",
+              file=sys.stderr)
+        if len(runnable) < (1 if mcmc else 2):
+            raise UserError(f"with --backend numpyro only {', '.join(runnable) or 'no guide'} of {name} can run, and "
+                            "inference.compare needs two; use --backend pyro to compare every guide")
+    return runnable if not asked else list(spec.guides)
+
+
 def _fmt(value, fmt: str) -> str:
     if value is None:
         return "n/a"
@@ -146,6 +172,8 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
     seed_everything(cfg.seed)
     spec = model_file.build(options, dataset, elbo=cfg.elbo)
     available = list(spec.guides)
+    if cfg.backend == "numpyro":  # refuse before any training a guide NumPyro cannot run
+        available = _numpyro_guides(model_file, options, dataset, spec, guides_flag, mcmc_opts is not None)
     guides = choose_guides(guides_flag, available, model_file.path.name, mcmc=mcmc_opts is not None)
     if mcmc_opts is not None:  # refuse before any training: can NUTS sample this model at all?
         from . import mcmc

@@ -217,3 +217,24 @@ def test_amortized_guide_on_numpyro_is_one_line_exit_2(tmp_path, capsys):
     assert len(err) == 1, err
     assert err[0].startswith("error: guide 'amortized' has no NumPyro twin in lda.py")
     assert "BatchNorm1d" in err[0] and "use --backend pyro" in err[0]
+
+
+def test_compare_on_numpyro_refuses_before_training_what_numpyro_cannot_run(tmp_path, capsys):
+    """inference.compare --backend numpyro checks every guide before the first run: named in
+    --guides and not runnable (cavi: closed-form updates) -> one error line; not named -> a note
+    says which are left out, and with fewer than two left the comparison is refused. No run
+    folder is created either way."""
+    from inference.compare import main as compare
+
+    common = [str(FILE), "--data", "synthetic", "--docs", "20", "--vocab", "10", "--topics", "2", "--steps", "2",
+              "--backend", "numpyro", "--no-progress"]
+    assert compare([*common, "--guides", "explicit,cavi", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: guide 'cavi' of lda.py cannot run with --backend numpyro (fitted by closed-form "
+                   "updates, which run on Pyro only); leave it out of --guides or use --backend pyro"]
+    assert compare([*common, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("note: --backend numpyro leaves out amortized (") and "cavi (fitted" in err[0]
+    assert err[1] == ("error: with --backend numpyro only explicit of lda.py can run, and inference.compare "
+                      "needs two; use --backend pyro to compare every guide")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
