@@ -7,8 +7,8 @@ Helpers (Pyro's ELBO at given values, setting Pyro's store, Monte Carlo means wi
 standard errors, reading metrics.json) are test_numpyro_backend.py's, and the brute-force
 enumeration is test_hmm.py's: imported, not copied."""
 
-import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FILE = ROOT / "models" / "hmm.py"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = _load("numpyro_backend_helpers", ROOT / "tests" / "inference" / "test_numpyro_backend.py")
-hmm_tests = _load("hmm_test_helpers", ROOT / "tests" / "models" / "test_hmm.py")
+sys.path[:0] = [str(ROOT / "tests" / "inference"), str(ROOT / "tests" / "models")]
+import test_hmm as hmm_tests  # noqa: E402
+import test_numpyro_backend as helpers  # noqa: E402
 pyro_elbo, _estimates, _metrics = helpers.pyro_elbo, helpers._estimates, helpers._metrics
 K, V = hmm_tests.K, hmm_tests.V            # brute_force enumerates K^T paths with test_hmm's K = 3
 EMISSIONS = ("categorical", "gaussian")

@@ -15,8 +15,8 @@ enumerated ELBO itself (TraceEnum_ELBO, at fixed draws of theta and beta: one nu
 Helpers (Pyro's ELBO at given values, Monte Carlo means with standard errors, metrics.json)
 are test_numpyro_backend.py's, imported."""
 
-import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FILE = ROOT / "models" / "lda.py"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = _load("numpyro_backend_helpers", ROOT / "tests" / "inference" / "test_numpyro_backend.py")
+sys.path.insert(0, str(ROOT / "tests" / "inference"))
+import test_numpyro_backend as helpers  # noqa: E402
 pyro_elbo, _estimates, _metrics = helpers.pyro_elbo, helpers._estimates, helpers._metrics
 TINY = {"docs": 60, "vocab": 20, "topics": 3, "words": 30}      # 48 training documents, 1,440 tokens
 

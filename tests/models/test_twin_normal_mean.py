@@ -5,8 +5,8 @@ Gaussian q, the MAP objective, and the same fit after the same budget through th
 Helpers (Pyro's ELBO at given values, setting Pyro's store, Monte Carlo means with their
 standard errors, reading metrics.json) are test_numpyro_backend.py's, imported."""
 
-import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,8 @@ from ppl_gen.protocol import load_model_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FILE = ROOT / "models" / "normal_mean.py"
-_spec = importlib.util.spec_from_file_location("numpyro_backend_helpers",
-                                               ROOT / "tests" / "inference" / "test_numpyro_backend.py")
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+sys.path.insert(0, str(ROOT / "tests" / "inference"))
+import test_numpyro_backend as helpers  # noqa: E402
 pyro_elbo, set_pyro_params, _estimates, _metrics = (helpers.pyro_elbo, helpers.set_pyro_params,
                                                     helpers._estimates, helpers._metrics)
 POSITIVE = {"s": torch.distributions.constraints.positive}
