@@ -97,6 +97,7 @@ def _numpyro_guides(model_file, options, dataset, spec, guides_flag: str | None,
         if len(runnable) < (1 if mcmc else 2):
             raise UserError(f"with --backend numpyro only {', '.join(runnable) or 'no guide'} of {name} can run, and "
                             "inference.compare needs two; use --backend pyro to compare every guide")
+    # names in --guides are all runnable by now; choose_guides checks them against every guide
     return runnable if not asked else list(spec.guides)
 
 

@@ -83,7 +83,7 @@ class Optimizers:
     creates them; the group structure (by parameter name) is saved with the state."""
 
     def __init__(self, lr: float, local_names=(), local_lr: float | None = None,
-                 param_lr: dict[str, float] | None = None, buffers: dict[str, torch.nn.Module] | None = None):
+                 param_lr: dict[str, float] | None = None):
         self.lr, self.local_names = lr, set(local_names)
         self.local_lr = lr if local_lr is None else local_lr
         # global parameters with a rate of their own (Spec.param_lr), each in its own group
