@@ -30,7 +30,6 @@ or a CSV file with one sequence per row.
 from __future__ import annotations
 
 import csv
-import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,36 +406,6 @@ def build(options: Options, dataset: Dataset) -> Spec:
                 posterior_dims={"pi": ("states",), "A": ("states", "next_state"), "B": ("states", "symbol")})
 
 
-@functools.lru_cache(maxsize=None)
-def _softmax_simplex():
-    """A NumPyro simplex constraint unconstrained the way Pyro's parameter store does it.
-
-    Pyro keeps a ``constraint=simplex`` parameter as K free values u with p = softmax(u)
-    (torch's ``transform_to(simplex)``); NumPyro's ``biject_to(simplex)`` is the (K-1)-value
-    stick-breaking map. Adam is not invariant to the parametrization, so the MAP guide's
-    simplex rows would take other steps on NumPyro than on Pyro. This constraint is the
-    simplex, registered with the softmax map, so both backends optimize the same u."""
-    import jax
-    import jax.numpy as jnp
-    from numpyro.distributions import constraints
-    from numpyro.distributions.transforms import Transform, biject_to
-
-    class SoftmaxTransform(Transform):
-        domain, codomain = constraints.real_vector, constraints.simplex
-
-        def __call__(self, u):
-            return jax.nn.softmax(u, axis=-1)
-
-        def _inverse(self, p):  # torch's SoftmaxTransform.inv: one of the u with softmax(u) = p
-            return jnp.log(p)
-
-    class SoftmaxSimplex(type(constraints.simplex)):
-        pass
-
-    biject_to.register(SoftmaxSimplex, lambda constraint: SoftmaxTransform())
-    return SoftmaxSimplex()
-
-
 def numpyro_twin(options: Options, dataset: Dataset):
     """The NumPyro twin (``--backend numpyro``, Phan et al. 2019): the same priors, the same
     likelihood with the hidden states summed out by the scaled forward recursion (Rabiner
@@ -449,7 +418,7 @@ def numpyro_twin(options: Options, dataset: Dataset):
     import numpyro
     import numpyro.distributions as nd
 
-    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate, softmax_simplex
 
     hmm = HMM(options, dataset)            # K, V and the Gaussian scale (m, s) from the same data
     K, gaussian = hmm.K, hmm.emission == "gaussian"
@@ -515,7 +484,7 @@ def numpyro_twin(options: Options, dataset: Dataset):
         init.update(mu=quantiles, sigma=jnp.full(K, s / K, f32))
     else:
         init["B"] = jnp.asarray(np.random.default_rng(0).dirichlet(np.full(V, 5.0), K), f32)
-    pos, simplex = nd.constraints.positive, _softmax_simplex()
+    pos, simplex = nd.constraints.positive, softmax_simplex()
 
     def meanfield(x, idx=None, size=None):
         """q(pi) q(A) q(theta) = Dir(pi) prod_i Dir(A_i) prod_i q(theta_i), as HMM.meanfield."""

@@ -31,6 +31,7 @@ Nothing here imports jax or numpyro at module level: ``ppl_gen`` works without t
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -80,6 +81,37 @@ def data_plate(x, idx=None, size: int | None = None, name: str = "data", dim: in
         else:
             with handlers.scale(scale=size / n):
                 yield ix
+
+
+@functools.lru_cache(maxsize=None)
+def softmax_simplex():
+    """A NumPyro simplex constraint unconstrained the way Pyro's parameter store does it.
+
+    Pyro keeps a ``constraint=simplex`` parameter as K free values u with p = softmax(u)
+    (torch's ``transform_to(simplex)``); NumPyro's ``biject_to(simplex)`` is the (K-1)-value
+    stick-breaking map. Adam is not invariant to the parametrization, so the MAP guide's
+    simplex rows would take other steps on NumPyro than on Pyro. This constraint is the
+    simplex, registered with the softmax map, so both backends optimize the same u: use it
+    for every simplex-constrained ``numpyro.param`` of a twin (``models/hmm.py`` does)."""
+    import jax
+    import jax.numpy as jnp
+    from numpyro.distributions import constraints
+    from numpyro.distributions.transforms import Transform, biject_to
+
+    class SoftmaxTransform(Transform):
+        domain, codomain = constraints.real_vector, constraints.simplex
+
+        def __call__(self, u):
+            return jax.nn.softmax(u, axis=-1)
+
+        def _inverse(self, p):  # torch's SoftmaxTransform.inv: one of the u with softmax(u) = p
+            return jnp.log(p)
+
+    class SoftmaxSimplex(type(constraints.simplex)):
+        pass
+
+    biject_to.register(SoftmaxSimplex, lambda constraint: SoftmaxTransform())
+    return SoftmaxSimplex()
 
 
 def linear(prefix: str, x, in_dim: int, out_dim: int):
