@@ -338,6 +338,9 @@ def run(cfg, mf):
     from inference import svi
     from ppl_gen.train import Trainer, make_elbo
 
+    if cfg.data_on_host:
+        raise UserError("--data-on-host runs on the Pyro backend only (NumPyro holds the data as one JAX "
+                        "array on its device); drop it or use --backend pyro")
     device, options, dataset, spec, guide_name, guide = svi.prepare(cfg, mf)
     if spec.updates.get(guide_name):
         raise UserError(f"guide {guide_name!r} is fitted by closed-form updates, which run on the Pyro side "

@@ -40,6 +40,7 @@ RUNNER_DEFAULTS: dict[str, Any] = {
     "eval_particles": 10,
     "validate": False,
     "threads": None,        # None: torch's default for this machine
+    "data_on_host": False,  # True: data stay in host memory, batches are copied to --device
 }
 # What a resumed run must keep, or it would not continue the same optimization.
 LOCKED_ON_RESUME = ("model_file", "guide", "elbo", "jit", "batch_size", "seed", "data",
@@ -67,6 +68,7 @@ class RunConfig:
     eval_particles: int = 10
     validate: bool = False
     threads: int | None = None
+    data_on_host: bool = False
     progress: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -122,6 +124,10 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=_positive(int),
                    help="CPU threads for torch (default: torch's choice); 1 is often fastest for "
                         "small models, and on a machine shared with other jobs")
+    g.add_argument("--data-on-host", action="store_true", default=None,
+                   help="keep the data in host memory and copy each minibatch (and each evaluation "
+                        "chunk) to --device: for data sets larger than the GPU's memory; needs "
+                        "--batch-size and a model file that supports it (models/lda.py)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bar")
 
@@ -200,10 +206,17 @@ def prepare(cfg: RunConfig, mf):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     options = mf.options(cfg.options)
-    dataset = mf.data(cfg.data, options).to(device)
+    if cfg.data_on_host and cfg.batch_size is None:
+        raise UserError("--data-on-host copies one minibatch at a time to the device: give --batch-size")
+    dataset = mf.data(cfg.data, options)
+    # the data move to the device once, or (--data-on-host) stay where they are, batch by batch
+    dataset = dataset.on_host(device) if cfg.data_on_host else dataset.to(device)
     pyro.clear_param_store()  # no parameters leak in from an earlier run in this process
     seed_everything(cfg.seed)
     spec = mf.build(options, dataset, elbo=cfg.elbo)
+    if cfg.data_on_host and not spec.streams:
+        raise UserError(f"{mf.path.name} evaluates on its whole data set at once and does not support "
+                        "--data-on-host; drop the flag")
     guide_name = cfg.guide or spec.default_guide
     return device, options, dataset, spec, guide_name, spec.guide(guide_name)
 
@@ -314,7 +327,8 @@ def finish(cfg: RunConfig, mf, spec, guide_name: str, guide, dataset, options, d
         "seconds": seconds, "seconds_per_step": seconds / cfg.steps,
         "n_parameters": sum(p.numel() for _, p in pyro.get_param_store().named_parameters()),
         "device": str(device), "seed": cfg.seed,
-        "train_elbo": evaluate_elbo(spec.model, guide, dataset.train, cfg.elbo, cfg.eval_particles, seed=cfg.seed),
+        "train_elbo": evaluate_elbo(spec.model, guide, dataset.train, cfg.elbo, cfg.eval_particles, seed=cfg.seed,
+                                    device=device),
         "test_elbo": float(fitted.trace[-1]["test_elbo"]) if fitted.trace[-1]["test_elbo"] else None,
         "elbo_units": "nats per data point",
         "eval_particles": cfg.eval_particles,
@@ -346,7 +360,8 @@ def heldout_evaluator(cfg: RunConfig, spec, guide_name: str, guide, dataset, bef
         if before:
             before()
         test_guide = spec.heldout_guide(guide_name, dataset.test) if spec.heldout_guide else guide
-        return evaluate_elbo(spec.model, test_guide, dataset.test, cfg.elbo, cfg.eval_particles, seed=cfg.seed)
+        return evaluate_elbo(spec.model, test_guide, dataset.test, cfg.elbo, cfg.eval_particles, seed=cfg.seed,
+                             device=dataset.device)
     return evaluate
 
 
@@ -365,7 +380,7 @@ def run(cfg: RunConfig, model_file=None):
     trainer = Trainer(spec.model, guide, dataset.train, elbo, lr=cfg.lr, batch_size=cfg.batch_size,
                       seed=cfg.seed, validate=cfg.validate, local_params=spec.local_params,
                       local_lr=spec.local_lr, update=spec.updates.get(guide_name), param_lr=spec.param_lr,
-                      buffers=spec.buffers)
+                      buffers=spec.buffers, device=device)
     folder, start, seconds0, config = open_run(cfg, mf, trainer, guide_name, device, dataset, options,
                                                trainer.schedule.batch_size)
     evaluate = heldout_evaluator(cfg, spec, guide_name, guide, dataset)

@@ -169,14 +169,25 @@ class Encoder(nn.Module):
         return self.alpha + x.sum(-1, keepdim=True) * torch.softmax(self.net(torch.log1p(x)), -1)
 
 
+# documents per chunk that evaluation copies to the device (--data-on-host) and infers at once
+CHUNK = 4096
+
+
 class LDA:
-    def __init__(self, x: torch.Tensor, options: Options, seed: int = 0):
+    def __init__(self, x: torch.Tensor, options: Options, seed: int = 0, device: torch.device | None = None):
         self.K, self.V, self.options = options.topics, x.shape[-1], options
         self.alpha, self.eta = options.alpha, options.eta
-        self.encoder = Encoder(self.V, options.hidden, self.K, self.alpha).to(x.device)
+        # where the parameters live; x may stay in host memory (--data-on-host)
+        self.device = x.device if device is None else device
+        self.encoder = Encoder(self.V, options.hidden, self.K, self.alpha).to(self.device)
         # every scheme starts from the same topics for the same --seed (see lda.initial_topics)
         g = torch.Generator().manual_seed(seed)
-        self.lambda0 = lda.initial_topics(x, self.K, g, options.init)
+        self.lambda0 = lda.initial_topics(x, self.K, g, options.init).to(self.device)
+
+    def _chunks(self, x: torch.Tensor):
+        """Rows of x, CHUNK documents at a time, on the parameters' device."""
+        for start in range(0, x.shape[0], CHUNK):
+            yield x[start:start + CHUNK].to(self.device, non_blocking=True)
 
     # -- model -------------------------------------------------------------------
     def model(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
@@ -284,12 +295,17 @@ class LDA:
     # -- each scheme's own inference of theta for new documents -------------------------
     @torch.no_grad()
     def infer_gamma(self, guide_name: str, x: torch.Tensor) -> torch.Tensor:
+        """gamma of new documents x by the scheme's own inference, CHUNK documents at a time
+        (each document's inference is its own; only memory is shared). On the device."""
         lam = pyro.param("lambda").detach()
-        if guide_name == "amortized":
-            return self.encoder.eval()(x)
-        if guide_name == "explicit" and self.options.local_update == "adam":
-            return lda.fit_gamma(x, lam, self.alpha, self.options.local_steps, self.options.local_lr)
-        return lda.e_step(x, lam, self.alpha, iters=self.options.cavi_iters)[0]
+
+        def infer(chunk):
+            if guide_name == "amortized":
+                return self.encoder.eval()(chunk)
+            if guide_name == "explicit" and self.options.local_update == "adam":
+                return lda.fit_gamma(chunk, lam, self.alpha, self.options.local_steps, self.options.local_lr)
+            return lda.e_step(chunk, lam, self.alpha, iters=self.options.cavi_iters)[0]
+        return torch.cat([infer(chunk) for chunk in self._chunks(x)])
 
     @torch.no_grad()
     def train_gamma(self, guide_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -310,8 +326,11 @@ class LDA:
         lam = pyro.param("lambda").detach()
         train = ds.train
         gamma = self.train_gamma(name, train)
-        out = {"train_elbo_per_token": lda.elbo(train, gamma, lam, self.alpha, self.eta).item() / train.sum().item(),
-               "npmi": lda.npmi(lam, train).mean().item(),
+        # the mean-field ELBO (lda.elbo), its document terms summed chunk by chunk
+        words = sum(lda.local_elbo(chunk, gamma[i * CHUNK:(i + 1) * CHUNK], lam, self.alpha).sum()
+                    for i, chunk in enumerate(self._chunks(train)))
+        out = {"train_elbo_per_token": (words - lda.kl_topics(lam, self.eta)).item() / train.sum().item(),
+               "npmi": lda.npmi(lam.to(train.device), train).mean().item(),   # where the counts are
                "local_parameters_per_document": 0 if name == "amortized" else self.K,
                # lambda, plus gamma (K per training document; under --local-update estep recomputed
                # at each visit, not stored) or the encoder's weights, which do not grow with D
@@ -323,8 +342,8 @@ class LDA:
             new = ds.test.repeat(reps, 1)[: self.options.infer_docs]
             start = time.perf_counter()
             self.infer_gamma(name, new)
-            if new.is_cuda:
-                torch.cuda.synchronize(new.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             out["infer_seconds_1000"] = (time.perf_counter() - start) * 1000 / len(new)
         true = self.corpus.true_topics if self.corpus is not None else None
         if true is not None:
@@ -364,7 +383,7 @@ def build(options: Options, dataset: Dataset, elbo: str | None = None) -> Spec:
         raise UserError("LDA needs non-negative integer word counts as data")
     # the runner seeds torch with --seed before build(): the starting topics follow --seed,
     # so runs with different seeds are restarts from different points
-    model = LDA(x, o, seed=torch.initial_seed())
+    model = LDA(x, o, seed=torch.initial_seed(), device=dataset.device)
     model.doc_lengths = x.sum(-1).cpu()
     model.corpus = _CORPORA.get(dataset.meta.get("corpus", ""))
     return Spec(model=model.model,
@@ -372,6 +391,7 @@ def build(options: Options, dataset: Dataset, elbo: str | None = None) -> Spec:
                 updates={"cavi": model.cavi_update}, evaluate=model.evaluate, plots=model.plots,
                 local_params=("gamma",), local_lr=o.local_lr, heldout_guide=model.heldout_guide,
                 param_lr={"lambda": o.topic_lr} if o.topic_lr > 0 else {}, buffers={"encoder": model.encoder},
+                streams=True,
                 description=__doc__.split("\n")[0])
 
 

@@ -37,11 +37,25 @@ class Dataset:
     labels_test: torch.Tensor | None = None
     name: str = "data"
     meta: dict[str, Any] = field(default_factory=dict)
+    # where the model computes, when the tensors stay in host memory (--data-on-host)
+    compute_device: torch.device | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The device models compute on: the data's own, or the one batches are copied to."""
+        return self.compute_device or self.train.device
 
     def to(self, device: torch.device) -> "Dataset":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Dataset(move(self.train), move(self.test), move(self.labels_train),
                        move(self.labels_test), self.name, dict(self.meta))
+
+    def on_host(self, device: torch.device) -> "Dataset":
+        """The tensors stay in host memory (page-locked when the device is a GPU, so batch
+        copies can overlap compute); models compute on ``device``."""
+        keep = lambda t: None if t is None else (t.pin_memory() if device.type == "cuda" else t)  # noqa: E731
+        return Dataset(keep(self.train), keep(self.test), self.labels_train, self.labels_test, self.name,
+                       dict(self.meta), compute_device=device)
 
 
 def as_dataset(value: Any) -> Dataset:

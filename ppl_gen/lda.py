@@ -69,8 +69,12 @@ def elbo(x: torch.Tensor, gamma: torch.Tensor, lam: torch.Tensor, alpha: float, 
 
         sum_m local_elbo_m - sum_k KL(Dir(lambda_k) || Dir(eta))."""
     scale = 1.0 if size is None else size / x.shape[0]
-    kl_beta = kl_divergence(Dirichlet(lam), Dirichlet(torch.full_like(lam, eta))).sum()
-    return scale * local_elbo(x, gamma, lam, alpha).sum() - kl_beta
+    return scale * local_elbo(x, gamma, lam, alpha).sum() - kl_topics(lam, eta)
+
+
+def kl_topics(lam: torch.Tensor, eta: float) -> torch.Tensor:
+    """The ELBO's global term, sum_k KL(Dir(lambda_k) || Dir(eta))."""
+    return kl_divergence(Dirichlet(lam), Dirichlet(torch.full_like(lam, eta))).sum()
 
 
 def e_step(x: torch.Tensor, lam: torch.Tensor, alpha: float, gamma: torch.Tensor | None = None,
@@ -170,10 +174,14 @@ def fit_gamma(x: torch.Tensor, lam: torch.Tensor, alpha: float, steps: int = 200
 
 
 # ---------------------------------------------------------------- the evaluator
-def perplexity(theta: torch.Tensor, topics: torch.Tensor, counts: torch.Tensor) -> float:
-    """Per-word perplexity exp(-sum_mv n_mv log sum_k theta_mk topics_kv / sum_mv n_mv)."""
-    p = (theta @ topics).clamp(min=1e-30)
-    return math.exp(-(counts * p.log()).sum().item() / counts.sum().item())
+def perplexity(theta: torch.Tensor, topics: torch.Tensor, counts: torch.Tensor, chunk: int = 4096) -> float:
+    """Per-word perplexity exp(-sum_mv n_mv log sum_k theta_mk topics_kv / sum_mv n_mv).
+    ``chunk`` documents at a time on the topics' device (``counts`` may stay in host memory)."""
+    log_lik = 0.0
+    for start in range(0, counts.shape[0], chunk):
+        p = (theta[start:start + chunk] @ topics).clamp(min=1e-30)
+        log_lik += (counts[start:start + chunk].to(p.device) * p.log()).sum().item()
+    return math.exp(-log_lik / counts.sum().item())
 
 
 def document_completion(infer_theta: Callable[[torch.Tensor], torch.Tensor], topics: torch.Tensor,

@@ -50,13 +50,15 @@ def import_arviz():
     return az
 
 
-def probe_args(fn: Callable, x: torch.Tensor) -> tuple[tuple, dict]:
-    """Arguments to trace ``fn`` with: a few rows as a minibatch where it takes them, else all."""
+def probe_args(fn: Callable, x: torch.Tensor, device: torch.device | None = None) -> tuple[tuple, dict]:
+    """Arguments to trace ``fn`` with: a few rows as a minibatch where it takes them, else all;
+    copied to ``device`` where the data stay in host memory (--data-on-host)."""
     n = x.shape[0]
+    device = x.device if device is None else device
     if takes_minibatches(fn) and n > PROBE_ROWS:
         idx = torch.arange(PROBE_ROWS, device=x.device)
-        return (x[idx], idx), {"size": n}
-    return (x,), {}
+        return (x[idx].to(device), idx.to(device)), {"size": n}
+    return (x.to(device),), {}
 
 
 def data_plates(model_trace) -> set[str]:
@@ -120,13 +122,13 @@ def trace_model(model: Callable, x: torch.Tensor):
         return poutine.trace(model).get_trace(*args, **kwargs)
 
 
-def trace_with_guide(model: Callable, guide: Callable, x: torch.Tensor):
+def trace_with_guide(model: Callable, guide: Callable, x: torch.Tensor, device: torch.device | None = None):
     """(model trace with the guide's values replayed into it, the arguments used)."""
     # a minibatch probe only where both take one, so that their plates agree
     if takes_minibatches(model) and takes_minibatches(guide):
-        args, kwargs = probe_args(model, x)
+        args, kwargs = probe_args(model, x, device)
     else:
-        args, kwargs = (x,), {}
+        args, kwargs = (x if device is None else x.to(device),), {}
     with torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
@@ -134,14 +136,14 @@ def trace_with_guide(model: Callable, guide: Callable, x: torch.Tensor):
 
 
 def guide_draws(model: Callable, guide: Callable, x: torch.Tensor, num_draws: int = NUM_DRAWS,
-                custom_dims: dict | None = None) -> dict[str, Any] | None:
+                custom_dims: dict | None = None, device: torch.device | None = None) -> dict[str, Any] | None:
     """S draws of every global latent from the guide, with their dims; None without any.
 
     Returns ``{"draws": {site: array [S, ...]}, "dims": {site: [...]}, "coords": {...}}``.
     The guide is run once per draw (a loop, not a vectorizing plate: a guide written for
     one draw need not broadcast over a leading dimension).
     """
-    model_trace, (args, kwargs) = trace_with_guide(model, guide, x)
+    model_trace, (args, kwargs) = trace_with_guide(model, guide, x, device)
     glob, _ = split_latents(model_trace)
     if not glob:
         return None
@@ -179,7 +181,7 @@ def save_guide_posterior(run, path: str | Path, num_draws: int = NUM_DRAWS, seed
     with torch.random.fork_rng(devices=devices):
         pyro.set_rng_seed(seed)
         got = guide_draws(spec.model, run.guide, run.dataset.train, num_draws,
-                          getattr(spec, "posterior_dims", None))
+                          getattr(spec, "posterior_dims", None), device=run.dataset.device)
     if got is None:
         return None
     attrs = {"source": "draws from the fitted variational guide", "guide": run.guide_name,

@@ -76,6 +76,9 @@ class Spec:
     param_lr: dict[str, float] = field(default_factory=dict)
     # torch modules whose buffers (BatchNorm running statistics) checkpoints must keep
     buffers: dict[str, torch.nn.Module] = field(default_factory=dict)
+    # the model's own evaluate/plots/heldout_guide accept data in host memory and copy chunks
+    # to dataset.device themselves (--data-on-host)
+    streams: bool = False
     updates: dict[str, Callable] = field(default_factory=dict)
     heldout_guide: Callable[[str, torch.Tensor], Callable] | None = None
     # names (or {name: labels}) for the dimensions of global latents in posterior.nc,

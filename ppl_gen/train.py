@@ -46,14 +46,19 @@ def make_elbo(name: str, jit: bool = False, num_particles: int = 1, **kwargs) ->
     return cls(num_particles=num_particles, **kwargs)
 
 
-def call_args(fn: Callable, x: torch.Tensor, idx: torch.Tensor | None, size: int, batched: bool | None = None):
+def call_args(fn: Callable, x: torch.Tensor, idx: torch.Tensor | None, size: int, batched: bool | None = None,
+              device: torch.device | None = None):
     """Positional tensors (so a JIT trace sees them) and the constant ``size`` as keyword.
-    ``batched``: whether fn takes minibatches, when the caller already knows (hot loops)."""
+    ``batched``: whether fn takes minibatches, when the caller already knows (hot loops).
+    ``device``: where fn computes, when ``x`` stays in host memory (the batch is copied there)."""
     if batched is None:
         batched = takes_minibatches(fn)
     if idx is None or not batched:
-        return (x,), {}
-    return (x[idx], idx), {"size": size}
+        return (x if device is None else x.to(device),), {}
+    batch = x[idx]
+    if device is not None and batch.device != device:
+        batch, idx = batch.to(device, non_blocking=True), idx.to(device)
+    return (batch, idx), {"size": size}
 
 
 class BatchSchedule:
@@ -148,8 +153,12 @@ class Trainer:
     def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, elbo: pyro.infer.ELBO,
                  lr: float, batch_size: int | None = None, seed: int = 0, validate: bool = False,
                  local_params=(), local_lr: float | None = None, update: Callable | None = None,
-                 param_lr: dict[str, float] | None = None, buffers: dict[str, torch.nn.Module] | None = None):
+                 param_lr: dict[str, float] | None = None, buffers: dict[str, torch.nn.Module] | None = None,
+                 device: torch.device | None = None):
         self.model, self.guide, self.x, self.elbo, self.lr = model, guide, x, elbo, lr
+        # where the model computes; x may stay in host memory (--data-on-host), batches are copied
+        self.device = x.device if device is None else torch.device(device)
+        self.copies = self.device != x.device
         # a guide fitted by closed-form updates (e.g. CAVI) instead of gradient steps
         self.update = update
         self.n = x.shape[0]
@@ -180,7 +189,8 @@ class Trainer:
             self.optim.add(new, named)
 
     def _args(self, t: int):
-        return call_args(self.model, self.x, self.schedule(t), self.n, self.batched)
+        return call_args(self.model, self.x, self.schedule(t), self.n, self.batched,
+                         self.device if self.copies else None)
 
     def loss(self, t: int) -> torch.Tensor:
         args, kwargs = self._args(t)
@@ -232,9 +242,10 @@ class Trainer:
         Pyro's parameter store, so checkpoints hold them); no optimizer is involved."""
         if self.optim is None:
             self.init_params()
-        idx = self.schedule(t)
+        (batch, *rest), _ = call_args(self.model, self.x, self.schedule(t), self.n, True,
+                                      self.device if self.copies else None)
         with torch.no_grad():
-            value = float(self.update(self.x if idx is None else self.x[idx], idx, self.n, t))
+            value = float(self.update(batch, rest[0] if rest else None, self.n, t))
         if not math.isfinite(value):
             raise TrainingDiverged(f"the loss became {value} at step {t}")
         return value / self.n
@@ -251,8 +262,8 @@ class Trainer:
         if self.buffers:
             state["buffers"] = {name: {k: b.detach().clone() for k, b in m.named_buffers()}
                                 for name, m in self.buffers.items()}
-        if self.x.is_cuda:
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.x.device)
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def load_state_dict(self, state: dict) -> int:
@@ -278,34 +289,38 @@ class Trainer:
                     for k, b in saved.items():
                         own[k].copy_(b.to(own[k].device))
         torch.set_rng_state(state["rng_torch"].cpu())
-        if "rng_cuda" in state and self.x.is_cuda:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.x.device)
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
         return int(state["step"])
 
 
 def evaluate_elbo(model: Callable, guide: Callable, x: torch.Tensor | None, elbo_name: str = "trace",
-                  num_particles: int = 10, chunk_size: int = 2048, seed: int = 0) -> float | None:
+                  num_particles: int = 10, chunk_size: int = 2048, seed: int = 0,
+                  device: torch.device | None = None) -> float | None:
     """ELBO per data point (nats) of the whole set ``x``, in chunks.
 
     Each chunk's estimate, with the plate scaled by N / n_c, is unbiased for the full
     ELBO; averaging them with weights n_c / N counts global terms (KL of global
     latents) once and every local term once. Runs under its own seed and leaves the
-    caller's random state untouched, so evaluating never changes training.
+    caller's random state untouched, so evaluating never changes training. ``device``: where
+    the model computes, when ``x`` stays in host memory (each chunk is copied there).
     """
     if x is None or x.shape[0] == 0:
         return None
     n = x.shape[0]
+    device = x.device if device is None else torch.device(device)
+    copy = device if device != x.device else None
     elbo = make_elbo(elbo_name, num_particles=num_particles)
-    devices = [x.device] if x.is_cuda else []
+    devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         pyro.set_rng_seed(seed)
         if not (takes_minibatches(model) and takes_minibatches(guide)) or n <= chunk_size:
-            args, kwargs = call_args(model, x, None, n)
+            args, kwargs = call_args(model, x, None, n, device=copy)
             return -elbo.loss(model, guide, *args, **kwargs) / n
         total = 0.0
         for start in range(0, n, chunk_size):
             idx = torch.arange(start, min(start + chunk_size, n), device=x.device)
-            args, kwargs = call_args(model, x, idx, n)
+            args, kwargs = call_args(model, x, idx, n, device=copy)
             total += -elbo.loss(model, guide, *args, **kwargs) * len(idx) / n
         return total / n
 

@@ -253,3 +253,39 @@ def test_svi_schemes_recover_the_topics_of_a_small_synthetic_corpus(guide, lr, t
                                  "infer_docs": 20, "topic_lr": topic_lr})
     _, metrics = svi.run(cfg)
     assert metrics["topic_tv"] < 0.1, metrics["topic_tv"]
+
+
+@pytest.mark.parametrize("guide", ["explicit", "amortized", "cavi"])
+def test_data_on_host_gives_the_same_run(guide, tmp_path):
+    """--data-on-host keeps the counts where they were loaded and copies each minibatch and
+    each evaluation chunk to the device. On one device the copies are no-ops, so every number
+    must equal the ordinary run's; with CHUNK = 7 the chunked evaluation paths (train ELBO,
+    held-out inference, document completion) are the ones exercised. (The GPU case, counts
+    in host memory and parameters on CUDA, is tests/inference/test_devices.py's to run.)"""
+    mf = load_model_file(ROOT / "models" / "lda.py")
+    mf.module.CHUNK = 7
+    opts = {"docs": 120, "vocab": 25, "topics": 3, "words": 20, "infer_docs": 10}
+    metrics = []
+    for on_host in (False, True):
+        cfg = svi.RunConfig(model_file=str(mf.path), guide=guide, elbo="enum", steps=12, batch_size=24, lr=0.05,
+                            data="synthetic", out=str(tmp_path / f"{on_host}"), progress=False, eval_every=6,
+                            eval_particles=2, data_on_host=on_host, options=opts)
+        metrics.append(svi.run(cfg, mf)[1])
+    for key in ("train_elbo", "test_elbo", "train_elbo_per_token", "test_perplexity", "npmi", "topic_tv"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-6, abs=1e-9), key
+
+
+def test_data_on_host_refusals(tmp_path, capsys):
+    from inference.svi import main
+
+    lda_file, vae_file = str(ROOT / "models" / "lda.py"), str(ROOT / "models" / "vae.py")
+    cases = [([lda_file, "--data-on-host"], "--data-on-host copies one minibatch at a time to the device: give "
+                                           "--batch-size"),
+             ([vae_file, "--data-on-host", "--batch-size", "32"], "vae.py evaluates on its whole data set at once "
+                                                                  "and does not support --data-on-host"),
+             ([lda_file, "--data-on-host", "--batch-size", "32", "--backend", "numpyro"],
+              "--data-on-host runs on the Pyro backend only")]
+    for argv, message in cases:
+        assert main([*argv, "--steps", "2", "--no-progress", "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
