@@ -82,9 +82,8 @@ def _numpyro_guides(model_file, options, dataset, spec, guides_flag: str | None,
     nb.require_numpyro()
     twin = nb.load_twin(model_file, options, dataset)
     name = model_file.path.name
-    why = {g: ("fitted by closed-form updates, which run on Pyro only" if g in spec.updates
-               else twin.refused.get(g, "no NumPyro twin")) for g in spec.guides
-           if g in spec.updates or g not in twin.guides}
+    why = {g: nb.unsupported(spec, twin, g) for g in spec.guides}
+    why = {g: reason for g, reason in why.items() if reason}
     asked = [g.strip() for g in (guides_flag or "").split(",") if g.strip()]
     for g in asked:
         if g in why:

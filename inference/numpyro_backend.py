@@ -89,6 +89,19 @@ def load_twin(mf, options, dataset):
     return twin
 
 
+CLOSED_FORM = "fitted by closed-form updates, which run on Pyro only"
+
+
+def unsupported(spec, twin, name: str) -> str | None:
+    """Why guide ``name`` cannot run on NumPyro, or None when it can: the one rule that
+    ``run`` (one guide) and ``inference.compare`` (all of them, before training) apply."""
+    if name in spec.updates:
+        return CLOSED_FORM
+    if name in twin.refused:
+        return twin.refused[name]
+    return None if name in twin.guides else "no NumPyro twin"
+
+
 def twin_guide(twin, name: str, model_name: str) -> Callable:
     if name in twin.refused:
         raise UserError(f"guide {name!r} has no NumPyro twin in {model_name}: {twin.refused[name]}; "
@@ -342,9 +355,8 @@ def run(cfg, mf):
         raise UserError("--data-on-host runs on the Pyro backend only (NumPyro holds the data as one JAX "
                         "array on its device); drop it or use --backend pyro")
     device, options, dataset, spec, guide_name, guide = svi.prepare(cfg, mf)
-    if spec.updates.get(guide_name):
-        raise UserError(f"guide {guide_name!r} is fitted by closed-form updates, which run on the Pyro side "
-                        "only; use --backend pyro for it")
+    if guide_name in spec.updates:
+        raise UserError(f"guide {guide_name!r} is {CLOSED_FORM}; use --backend pyro for it")
     twin = load_twin(mf, options, dataset)
     elbo_name = twin_elbo(twin, cfg.elbo)  # an unsupported --elbo fails before any training work
     tguide = twin_guide(twin, guide_name, mf.path.name)

@@ -106,18 +106,22 @@ def test_marginal_likelihood_equals_brute_force_enumeration_on_both_backends(emi
     assert tr.log_prob_sum().item() == pytest.approx(exact_joint, abs=1e-4)
 
 
+def _at_pyro_start(emission: str, guide: str):
+    """30 casino sequences; the guide's parameters as a Pyro run creates them, and the twin."""
+    mf = load_model_file(FILE)
+    options = mf.options({"sequences": 30, "length": 12, "emission": emission})
+    ds = mf.data(None, options)
+    spec = mf.build(options, ds)
+    Trainer(spec.model, spec.guides[guide], ds.train, make_elbo("meanfield"), lr=1e-3).init_params()
+    return spec, ds, nb.pyro_params(), nb.load_twin(mf, options, ds)
+
+
 @pytest.mark.parametrize("emission", EMISSIONS)
 def test_map_elbo_is_the_same_number_on_both_backends_full_and_minibatch(emission):
     """The MAP guide has no randomness: its ELBO is log p(x, pi, A, theta) at the point. At the
     Pyro side's starting point, both backends give the same value to 1e-5 nats per sequence
     (float32), on the whole set and on a minibatch of 5 rows scaled by N / 5 (data_plate)."""
-    mf = load_model_file(FILE)
-    options = mf.options({"sequences": 30, "length": 12, "emission": emission})
-    ds = mf.data(None, options)
-    spec = mf.build(options, ds)
-    Trainer(spec.model, spec.guides["map"], ds.train, make_elbo("meanfield"), lr=1e-3).init_params()
-    params = nb.pyro_params()
-    twin = nb.load_twin(mf, options, ds)
+    spec, ds, params, twin = _at_pyro_start(emission, "map")
     x, n = ds.train, len(ds.train)
     idx = torch.tensor([0, 3, 7, 11, 20])
     for batch in (None, idx):            # numpyro_elbo takes the whole set and picks the rows itself
@@ -169,13 +173,7 @@ def test_meanfield_elbo_at_the_same_parameters_agrees_within_monte_carlo_error(e
     into NumPyro: 100 one-particle TraceMeanField_ELBO estimates per backend; the means
     agree within 4 standard errors of their difference, which is held below 0.25 nats per
     sequence so the check can fail (a wrong prior or emission shifts the ELBO by more)."""
-    mf = load_model_file(FILE)
-    options = mf.options({"sequences": 30, "length": 12, "emission": emission})
-    ds = mf.data(None, options)
-    spec = mf.build(options, ds)
-    Trainer(spec.model, spec.guides["meanfield"], ds.train, make_elbo("meanfield"), lr=1e-3).init_params()
-    params = nb.pyro_params()
-    twin = nb.load_twin(mf, options, ds)
+    spec, ds, params, twin = _at_pyro_start(emission, "meanfield")
     x, n, M = ds.train, len(ds.train), 100
     a, sa = _estimates(lambda i: jitted_elbo(twin, "meanfield", params, x)(i) / n, M)
     b, sb = _estimates(lambda i: pyro_elbo(spec.model, spec.guides["meanfield"], x, name="meanfield") / n, M)
