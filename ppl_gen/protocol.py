@@ -42,6 +42,21 @@ from .data import Dataset, as_dataset
 from .errors import UserError
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One number a model file reports, as compare's table, JSON and plots show it.
+
+    ``key`` is the name in ``metrics.json`` (what ``evaluate`` returns); ``header`` the column
+    title; ``fmt`` a ``str.format`` pattern; ``higher_is_better`` says which way is good (None:
+    neither, e.g. a count); ``bar``: whether compare draws it in its held-out bar chart."""
+
+    key: str
+    header: str
+    fmt: str = "{:.3f}"
+    higher_is_better: bool | None = None
+    bar: bool = False
+
+
 @dataclass
 class Spec:
     """Everything the runner needs from a model file, once built.
@@ -84,6 +99,10 @@ class Spec:
     # names (or {name: labels}) for the dimensions of global latents in posterior.nc,
     # where the plates' names are not the ones wanted (see ppl_gen.posterior)
     posterior_dims: dict[str, Any] = field(default_factory=dict)
+    # the model's own numbers (keys of what evaluate returns), for compare's table and plots
+    metrics: tuple[Metric, ...] = ()
+    # extra paragraphs for compare's report: report(rows) -> list of markdown lines
+    report: Callable[[list[dict]], list[str]] | None = None
 
     def __post_init__(self):
         if not self.guides:

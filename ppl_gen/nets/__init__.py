@@ -1,0 +1,1 @@
+"""Networks shared by several model files: masked convolutions (PixelCNN), the U-Net."""
