@@ -10,3 +10,12 @@ from .protocol import Metric, Spec, data_plate
 
 __all__ = ["Dataset", "Metric", "Spec", "UserError", "data_plate", "load_images"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # plotting pulls in matplotlib: loaded on first use, not at ``import ppl_gen``
+    if name == "plotting":
+        import importlib
+
+        return importlib.import_module(".plotting", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
