@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from ppl_gen.errors import UserError
+from ppl_gen.core.errors import UserError
 
 from . import svi
 
@@ -119,7 +119,7 @@ def table(rows: list[dict]) -> str:
 
 
 def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str], mcmc_ref: dict | None = None) -> None:
-    from ppl_gen import plotting
+    from ppl_gen.core import plotting
 
     (out / "compare.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, default=str) + "\n")
     first = rows[0]
@@ -153,7 +153,7 @@ def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str], m
 
 
 def _read_trace(folder: Path) -> list[dict]:
-    from ppl_gen.rundir import RunFolder
+    from ppl_gen.core.rundir import RunFolder
 
     return RunFolder(folder).read_trace()
 
@@ -161,8 +161,8 @@ def _read_trace(folder: Path) -> list[dict]:
 def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: list[str], mcmc_opts=None):
     import torch
 
-    from ppl_gen.device import seed_everything
-    from ppl_gen.rundir import RunFolder, default_out_dir
+    from ppl_gen.core.device import seed_everything
+    from ppl_gen.core.rundir import RunFolder, default_out_dir
 
     if cfg.resume:
         raise UserError("inference.compare does not resume; resume one guide's run with inference.svi --resume")

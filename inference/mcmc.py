@@ -6,7 +6,7 @@
 The No-U-Turn Sampler (Hoffman & Gelman 2014, "The No-U-Turn Sampler: adaptively setting
 path lengths in Hamiltonian Monte Carlo", JMLR 15:1593-1623; Pyro's ``pyro.infer.NUTS``)
 samples the model's posterior over its global latents; its draws are set against the
-draws of each fitted guide (``posterior.nc``, see ``ppl_gen.posterior``) with ArviZ
+draws of each fitted guide (``posterior.nc``, see ``ppl_gen.core.posterior``) with ArviZ
 (Kumar et al. 2019): a forest plot of both, posterior means and standard deviations side
 by side, and for the MCMC run the rank-normalized split R-hat and the bulk and tail
 effective sample sizes of Vehtari, Gelman, Simpson, Carpenter & Buerkner (2021),
@@ -36,8 +36,8 @@ import numpy as np
 import pyro
 import torch
 
-from ppl_gen.errors import UserError
-from ppl_gen.posterior import import_arviz, site_dims, split_latents, to_inference_data, trace_model
+from ppl_gen.core.errors import UserError
+from ppl_gen.core.posterior import import_arviz, site_dims, split_latents, to_inference_data, trace_model
 
 # the forest plot shows at most this many scalar entries (the first ones in model order)
 FOREST_MAX = 40
@@ -144,7 +144,7 @@ def run_nuts(model, x: torch.Tensor, opts: MCMCOptions, seed: int = 0, custom_di
 
 def reference(cfg, model_file, opts: MCMCOptions, out: Path) -> dict:
     """Build the model on the run's data, run NUTS, write ``out/mcmc/posterior.nc``."""
-    from ppl_gen.device import seed_everything
+    from ppl_gen.core.device import seed_everything
 
     options = model_file.options(cfg.options)
     dataset = model_file.data(cfg.data, options)    # on the CPU: NUTS's small steps gain nothing on a GPU
@@ -220,7 +220,7 @@ def comparison(vi: dict[str, object], mcmc_idata) -> dict:
 def forest_plot(vi: dict[str, object], mcmc_idata, path: Path, title: str = "") -> Path:
     """az.plot_forest of every guide's draws and the NUTS draws (94% HDI, quartiles, mean)."""
     az = import_arviz()
-    from ppl_gen import plotting  # noqa: F401  (sets the Agg backend)
+    from ppl_gen.core import plotting  # noqa: F401  (sets the Agg backend)
     import matplotlib.pyplot as plt
 
     m = flatten(mcmc_idata.posterior)

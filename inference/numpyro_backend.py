@@ -8,12 +8,12 @@ XLA-compiled function: ``jax.jit(svi.update)``
 What is shared with the Pyro path, so that differences are the inference engine's alone:
 
 * data: the model file's ``data()`` runs once (torch tensors), converted to JAX arrays;
-* the batch schedule: ``ppl_gen.train.BatchSchedule`` draws the same rows at step t;
+* the batch schedule: ``ppl_gen.core.train.BatchSchedule`` draws the same rows at step t;
 * the starting point: the Pyro spec is built under the same seed and its parameters are
   created as the Pyro runner would create them; NumPyro starts from those values;
 * the optimizer: Adam with torch's defaults (betas 0.9/0.999, eps 1e-8) in the same
   unconstrained space (exp for positive parameters), row-wise for per-data-point parameters
-  like ``ppl_gen.optim.RowwiseAdam``;
+  like ``ppl_gen.core.optim.RowwiseAdam``;
 * evaluation: at every evaluation the fitted values are copied back into Pyro's parameter
   store (and so into the model file's torch networks), and the held-out ELBO, the
   train ELBO, the model's own ``evaluate`` and ``plots`` run on the Pyro side: one code path
@@ -30,8 +30,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from ppl_gen.errors import TrainingDiverged, UserError
-from ppl_gen.train import call_args  # the same batch-argument convention as the Pyro path
+from ppl_gen.core.errors import TrainingDiverged, UserError
+from ppl_gen.core.train import call_args  # the same batch-argument convention as the Pyro path
 
 MISSING = '--backend numpyro needs the numpyro extra: pip install -e ".[numpyro]"'
 
@@ -70,8 +70,8 @@ def twin_elbo(twin, name: str) -> str:
 # ---------------------------------------------------------------- the twin
 def load_twin(mf, options, dataset):
     """Call the model file's ``numpyro_twin(options, dataset)``; clear errors when it has none."""
-    from ppl_gen.numpyro_twin import NumpyroTwin
-    from ppl_gen.protocol import _accepted
+    from ppl_gen.backends.numpyro_twin import NumpyroTwin
+    from ppl_gen.core.protocol import _accepted
 
     fn = getattr(mf.module, "numpyro_twin", None)
     if fn is None:
@@ -79,7 +79,7 @@ def load_twin(mf, options, dataset):
                         "use --backend pyro")
     twin = fn(**_accepted(fn, options=options, dataset=dataset))
     if not isinstance(twin, NumpyroTwin):
-        raise UserError(f"{mf.path.name}: numpyro_twin() must return a ppl_gen.numpyro_twin.NumpyroTwin")
+        raise UserError(f"{mf.path.name}: numpyro_twin() must return a ppl_gen.backends.numpyro_twin.NumpyroTwin")
     import jax
 
     # float64 exactly when the twin asks for it: x64 is process-wide in JAX, and a float32 twin
@@ -116,7 +116,7 @@ def to_jax(value):
     """torch tensor -> JAX array (numbers go in, numbers come out)."""
     import jax.numpy as jnp
 
-    from ppl_gen.numpyro_twin import to_numpy
+    from ppl_gen.backends.numpyro_twin import to_numpy
 
     return None if value is None else jnp.asarray(to_numpy(value))
 
@@ -153,7 +153,7 @@ def adam(lr: float, local_names=(), local_lr: float | None = None, b1: float = 0
     """Adam (Kingma & Ba 2015) as a ``jax.example_libraries.optimizers.Optimizer`` over a dict of
     unconstrained parameters: torch's update and defaults. Parameters in ``local_names`` are
     updated row-wise (moments and bias correction counted per row; rows without gradient stay
-    exactly as they were), as ``ppl_gen.optim.RowwiseAdam`` does on the Pyro side. Global
+    exactly as they were), as ``ppl_gen.core.optim.RowwiseAdam`` does on the Pyro side. Global
     parameters named in ``param_lr`` take their own rate (``Spec.param_lr``).
 
     The state of each parameter is (x, m, v, t); t is a scalar, or one count per row."""
@@ -195,7 +195,7 @@ def adam(lr: float, local_names=(), local_lr: float | None = None, b1: float = 0
 
 # ---------------------------------------------------------------- the trainer
 class NumpyroTrainer:
-    """The NumPyro counterpart of ``ppl_gen.train.Trainer``: one jitted ``svi.update`` per step."""
+    """The NumPyro counterpart of ``ppl_gen.core.train.Trainer``: one jitted ``svi.update`` per step."""
 
     def __init__(self, twin_model: Callable, twin_guide: Callable, x, schedule, elbo_name: str, lr: float,
                  seed: int, init_params: dict, num_particles: int = 1, local_params=(),
@@ -349,7 +349,7 @@ def run(cfg, mf):
     folder, the evaluation and the plots are the Pyro path's, on the NumPyro values."""
     require_numpyro()
     from inference import svi
-    from ppl_gen.train import Trainer, make_elbo
+    from ppl_gen.core.train import Trainer, make_elbo
 
     if cfg.data_on_host:
         raise UserError("--data-on-host runs on the Pyro backend only (NumPyro holds the data as one JAX "

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ppl_gen.errors import TrainingDiverged, UserError
+from ppl_gen.core.errors import TrainingDiverged, UserError
 
 # Settings a run can have, with the defaults used when neither the command line, the
 # resumed run nor the model file's DEFAULTS gives one.
@@ -95,8 +95,8 @@ def _positive(kind):
 
 
 def add_runner_flags(p: argparse.ArgumentParser) -> None:
-    from ppl_gen.device import DEVICES
-    from ppl_gen.train import ELBOS
+    from ppl_gen.core.device import DEVICES
+    from ppl_gen.core.train import ELBOS
 
     g = p.add_argument_group("inference (how)")
     g.add_argument("--guide", help="which of the model file's guides to fit (default: its first)")
@@ -135,8 +135,8 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None, prog: str = "python -m inference.svi",
                description: str | None = None, extra_flags=None):
     """Parse in two passes: the model file first, so its options become flags in --help."""
-    from ppl_gen.protocol import load_model_file
-    from ppl_gen.rundir import RunFolder
+    from ppl_gen.core.protocol import load_model_file
+    from ppl_gen.core.rundir import RunFolder
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = _Parser(add_help=False)
@@ -200,7 +200,7 @@ def prepare(cfg: RunConfig, mf):
     import pyro
     import torch
 
-    from ppl_gen.device import resolve_device, seed_everything
+    from ppl_gen.core.device import resolve_device, seed_everything
 
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -227,7 +227,7 @@ def open_run(cfg: RunConfig, mf, trainer, guide_name: str, device, dataset, opti
     training seconds so far, config). ``trainer.load_state_dict(checkpoint) -> step``."""
     import torch
 
-    from ppl_gen.rundir import RunFolder, default_out_dir, package_versions
+    from ppl_gen.core.rundir import RunFolder, default_out_dir, package_versions
 
     folder = RunFolder(cfg.out or default_out_dir(mf.name)).create()
     start, seconds0 = 0, 0.0
@@ -315,10 +315,10 @@ def finish(cfg: RunConfig, mf, spec, guide_name: str, guide, dataset, options, d
     import pyro
     import torch
 
-    from ppl_gen import plotting
-    from ppl_gen.device import seed_everything
-    from ppl_gen.posterior import save_guide_posterior
-    from ppl_gen.train import FittedRun, evaluate_elbo
+    from ppl_gen.core import plotting
+    from ppl_gen.core.device import seed_everything
+    from ppl_gen.core.posterior import save_guide_posterior
+    from ppl_gen.core.train import FittedRun, evaluate_elbo
 
     fitted = FittedRun(spec=spec, guide_name=guide_name, dataset=dataset, options=options, device=device,
                        config=config, out=folder.path, trace=folder.read_trace())
@@ -352,7 +352,7 @@ def finish(cfg: RunConfig, mf, spec, guide_name: str, guide, dataset, options, d
 
 def heldout_evaluator(cfg: RunConfig, spec, guide_name: str, guide, dataset, before=None):
     """The held-out ELBO per point; guides that cannot see new data get their held-out form."""
-    from ppl_gen.train import evaluate_elbo
+    from ppl_gen.core.train import evaluate_elbo
 
     def evaluate():
         if dataset.test is None:
@@ -367,8 +367,8 @@ def heldout_evaluator(cfg: RunConfig, spec, guide_name: str, guide, dataset, bef
 
 def run(cfg: RunConfig, model_file=None):
     """Fit cfg.model_file and write the run folder; returns (FittedRun, metrics)."""
-    from ppl_gen.protocol import load_model_file
-    from ppl_gen.train import Trainer, make_elbo
+    from ppl_gen.core.protocol import load_model_file
+    from ppl_gen.core.train import Trainer, make_elbo
 
     mf = model_file or load_model_file(cfg.model_file)
     if cfg.backend == "numpyro":  # imported only when asked for: numpyro and jax are an optional extra

@@ -42,7 +42,7 @@ import pyro.distributions as dist
 import torch
 
 from ppl_gen import Dataset, Spec, UserError
-from ppl_gen import bayesnet as bn
+from ppl_gen.exact import bayesnet as bn
 
 # The guide marks its sites for enumeration, which --elbo enum uses and the sampling
 # estimators (trace, tracegraph) ignore, as intended; Pyro warns about the latter.
@@ -402,7 +402,7 @@ def numpyro_twin(options: Options, dataset: Dataset):
     import numpyro
     import numpyro.distributions as nd
 
-    from ppl_gen.numpyro_twin import NumpyroTwin
+    from ppl_gen.backends.numpyro_twin import NumpyroTwin
 
     net = load_network(options.network)
     device = dataset.train.device

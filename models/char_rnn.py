@@ -11,7 +11,7 @@ As a DGM every x_t has all earlier symbols as parents (a complete DAG); the hidd
 state h_t is a deterministic summary of them, not a latent variable. So the model
 has no latents, the guide is empty, and SVI's ELBO *is* log p(x): training is maximum
 likelihood on the network weights. Same data and split as models/markov_chain.py,
-so held-out perplexities compare directly (``python -m ppl_gen.bench_markov``).
+so held-out perplexities compare directly (``python -m ppl_gen.bench.markov``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ppl_gen import Dataset, Spec, UserError, data_plate
-from ppl_gen import text as texts
+from ppl_gen.datasets import text as texts
 
 
 @dataclass
@@ -139,7 +139,7 @@ def numpyro_twin(options: Options, dataset: Dataset):
     import numpyro
     import numpyro.distributions as nd
 
-    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate, linear
+    from ppl_gen.backends.numpyro_twin import NumpyroTwin, data_plate, linear
 
     V, E, H = len(dataset.meta["alphabet"]), options.embed, options.hidden
     gates = 3 if options.cell == "gru" else 4

@@ -27,7 +27,7 @@ import pyro.distributions as dist
 import torch
 
 from ppl_gen import Dataset, Spec, UserError
-from ppl_gen.gaussian import condition, kl_gaussian, linear_gaussian_joint
+from ppl_gen.exact.gaussian import condition, kl_gaussian, linear_gaussian_joint
 
 NODES = ["A", "B", "C", "D"]
 
@@ -207,7 +207,7 @@ def numpyro_twin(options: Options, dataset: Dataset):
     import numpyro
     import numpyro.distributions as nd
 
-    from ppl_gen.numpyro_twin import NumpyroTwin
+    from ppl_gen.backends.numpyro_twin import NumpyroTwin
 
     o, ev = options, parse_evidence(options.evidence)
     latents = [v for v in NODES if v not in ev]

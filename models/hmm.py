@@ -13,7 +13,7 @@ Generative model with K hidden states, for each sequence n = 1..N of length T_n:
 
 It is the lecture's Markov chain with the chain made latent. The hidden states are
 summed out exactly: p(x | pi, A, B) = sum over all K^T paths, which the forward
-algorithm computes in O(T K^2) (``ppl_gen.hmm.forward``; the same recursion that
+algorithm computes in O(T K^2) (``ppl_gen.exact.hmm.forward``; the same recursion that
 ``pyro.markov`` with enumeration and ``TraceEnum_ELBO`` would run). What is left to
 infer are the global parameters, with the guide ``meanfield`` (Dirichlet rows,
 Normal means, LogNormal scales) or ``map`` (point masses: MAP estimation).
@@ -40,7 +40,7 @@ import torch
 from pyro.distributions import constraints
 
 from ppl_gen import Dataset, Spec, UserError, data_plate
-from ppl_gen import hmm as exact
+from ppl_gen.exact import hmm as exact
 
 EMISSIONS = ("categorical", "gaussian")
 
@@ -337,7 +337,7 @@ class HMM:
     def plots(self, run, out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
 
-        from ppl_gen import plotting  # noqa: F401  (sets the Agg backend)
+        from ppl_gen.core import plotting  # noqa: F401  (sets the Agg backend)
 
         ds, est = run.dataset, self.point_estimate(run.guide_name)
         x = (ds.test if ds.test is not None and ds.name != "nile" else ds.train)[:1]
@@ -409,7 +409,7 @@ def build(options: Options, dataset: Dataset) -> Spec:
 def numpyro_twin(options: Options, dataset: Dataset):
     """The NumPyro twin (``--backend numpyro``, Phan et al. 2019): the same priors, the same
     likelihood with the hidden states summed out by the scaled forward recursion (Rabiner
-    1989, eqs. 19-21 and section V-A; ``ppl_gen.hmm.forward`` ported to ``jax.lax.scan``),
+    1989, eqs. 19-21 and section V-A; ``ppl_gen.exact.hmm.forward`` ported to ``jax.lax.scan``),
     and both guides with the Pyro store's parameter names and constraints. float32, as on
     the Pyro side. ``extras["forward"]`` is the JAX forward algorithm itself (for tests)."""
     import jax
@@ -418,7 +418,7 @@ def numpyro_twin(options: Options, dataset: Dataset):
     import numpyro
     import numpyro.distributions as nd
 
-    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate, softmax_simplex
+    from ppl_gen.backends.numpyro_twin import NumpyroTwin, data_plate, softmax_simplex
 
     hmm = HMM(options, dataset)            # K, V and the Gaussian scale (m, s) from the same data
     K, gaussian = hmm.K, hmm.emission == "gaussian"

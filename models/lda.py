@@ -57,8 +57,8 @@ from pyro.ops.indexing import Vindex
 from torch import nn
 
 from ppl_gen import Dataset, Spec, UserError, data_plate
-from ppl_gen import corpus as corpora
-from ppl_gen import lda
+from ppl_gen.datasets import corpus as corpora
+from ppl_gen.exact import lda
 
 
 @dataclass
@@ -400,7 +400,7 @@ def numpyro_twin(options: Options, dataset: Dataset):
     ``--local-update`` forms, with the Pyro store's parameters: ``lambda`` (greater_than(eta),
     unconstrained as log(lambda - eta) on both sides) and, for ``adam``, the per-document rows
     ``gamma`` (greater_than(alpha), event_dim 1, row-wise Adam). theta and beta are float64
-    Dirichlet draws, as ``F64`` above, reparameterized; the E-step is ``ppl_gen.lda_jax.e_step``
+    Dirichlet draws, as ``F64`` above, reparameterized; the E-step is ``ppl_gen.backends.lda_jax.e_step``
     (the same sweeps and stopping rule as ``lda.e_step``, in ``lax.while_loop``).
 
     The sum over z. Pyro enumerates z_mn under q(z_mn) = Cat(phi_mn), phi at its optimum given
@@ -432,8 +432,8 @@ def numpyro_twin(options: Options, dataset: Dataset):
     import numpyro
     import numpyro.distributions as nd
 
-    from ppl_gen import lda_jax
-    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+    from ppl_gen.backends import lda_jax
+    from ppl_gen.backends.numpyro_twin import NumpyroTwin, data_plate
 
     K, (D, V) = options.topics, tuple(dataset.train.shape)
     alpha, eta, f32, f64 = options.alpha, options.eta, jnp.float32, jnp.float64

@@ -39,7 +39,7 @@ import torch
 from pyro.distributions import constraints
 
 from ppl_gen import Dataset, Spec, UserError, data_plate
-from ppl_gen import text as texts
+from ppl_gen.datasets import text as texts
 
 
 @dataclass
@@ -219,7 +219,7 @@ class MarkovChain:
     def plots(self, run, out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
 
-        from ppl_gen import plotting  # noqa: F401  (sets the Agg backend)
+        from ppl_gen.core import plotting  # noqa: F401  (sets the Agg backend)
 
         lam = pyro.param("lambda").detach()
         mean = (lam / lam.sum(-1, keepdim=True)).cpu()
@@ -256,7 +256,7 @@ def numpyro_twin(options: Options, dataset: Dataset):
     import numpyro
     import numpyro.distributions as nd
 
-    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+    from ppl_gen.backends.numpyro_twin import NumpyroTwin, data_plate
 
     chain = MarkovChain(options, dataset)
     V, R, k, base, alpha = chain.V, chain.R, chain.ctx.k, chain.ctx.base, chain.alpha

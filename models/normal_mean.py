@@ -121,7 +121,7 @@ def numpyro_twin(options: Options, dataset: Dataset):
     import numpyro
     import numpyro.distributions as nd
 
-    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+    from ppl_gen.backends.numpyro_twin import NumpyroTwin, data_plate
 
     o = options
 

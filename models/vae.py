@@ -52,8 +52,9 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-from ppl_gen import Spec, UserError, data_plate, plotting
-from ppl_gen.data import load_images
+from ppl_gen import Spec, UserError, data_plate
+from ppl_gen.core import plotting
+from ppl_gen.datasets.images import load_images
 
 
 @dataclass
@@ -400,7 +401,7 @@ def numpyro_twin(options: Options, dataset):
     import numpyro
     import numpyro.distributions as nd
 
-    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate, linear
+    from ppl_gen.backends.numpyro_twin import NumpyroTwin, data_plate, linear
 
     x_dim, h, zd = dataset.train.shape[-1], options.hidden_dim, options.latent_dim
     o = options

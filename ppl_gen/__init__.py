@@ -4,9 +4,10 @@ The library part: the model-file protocol, data loaders, the training step and E
 evaluator, the run folder, plots. Entry points live in ``inference/``.
 """
 
-from .data import Dataset, load_images
-from .errors import UserError
-from .protocol import Metric, Spec, data_plate
+from ppl_gen.core.dataset import Dataset
+from ppl_gen.datasets.images import load_images
+from ppl_gen.core.errors import UserError
+from ppl_gen.core.protocol import Metric, Spec, data_plate
 
 __all__ = ["Dataset", "Metric", "Spec", "UserError", "data_plate", "load_images"]
 __version__ = "0.1.0"

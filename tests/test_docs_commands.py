@@ -11,7 +11,7 @@ import torch
 
 from inference.compare import main as compare_main
 from inference.svi import main as svi_main
-from ppl_gen.data import FASHION_MNIST_DIR
+from ppl_gen.datasets.images import FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

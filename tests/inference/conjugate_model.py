@@ -56,7 +56,7 @@ def numpyro_twin(options=None, dataset=None):
     import numpyro
     import numpyro.distributions as nd
 
-    from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+    from ppl_gen.backends.numpyro_twin import NumpyroTwin, data_plate
 
     def np_model(x, idx=None, size=None):
         mu = numpyro.sample("mu", nd.Normal(MU0, TAU0))

@@ -110,9 +110,9 @@ def test_bad_input_errors(tmp_path, capsys):
 
 
 def test_fashion_mnist_missing_says_how_to_install(tmp_path, capsys, monkeypatch):
-    import ppl_gen.data
+    import ppl_gen.datasets.images
 
-    monkeypatch.setattr(ppl_gen.data, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setattr(ppl_gen.datasets.images, "FASHION_MNIST_DIR", tmp_path / "absent")
     assert "apt-get install dataset-fashion-mnist" in _error([VAE, "--data", "fashion-mnist"], capsys)
 
 

@@ -9,7 +9,7 @@ import pyro
 import pytest
 
 from inference.svi import RunConfig, run
-from ppl_gen.protocol import load_model_file
+from ppl_gen.core.protocol import load_model_file
 
 ROOT = Path(__file__).resolve().parents[2]
 # (model file, --data, small options): each file's default guide and ELBO

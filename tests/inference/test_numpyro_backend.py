@@ -21,10 +21,10 @@ pytest.importorskip("numpyro")
 
 from inference import compare, numpyro_backend as nb  # noqa: E402
 from inference.svi import main  # noqa: E402
-from ppl_gen.gaussian import linear_gaussian_joint  # noqa: E402
-from ppl_gen.optim import RowwiseAdam  # noqa: E402
-from ppl_gen.protocol import load_model_file  # noqa: E402
-from ppl_gen.train import Trainer, make_elbo  # noqa: E402
+from ppl_gen.exact.gaussian import linear_gaussian_joint  # noqa: E402
+from ppl_gen.core.optim import RowwiseAdam  # noqa: E402
+from ppl_gen.core.protocol import load_model_file  # noqa: E402
+from ppl_gen.core.train import Trainer, make_elbo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent

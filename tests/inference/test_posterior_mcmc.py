@@ -19,8 +19,8 @@ import torch
 
 from inference import compare, svi
 from inference.mcmc import MCMCOptions, run_nuts
-from ppl_gen.posterior import guide_draws, import_arviz
-from ppl_gen.protocol import load_model_file
+from ppl_gen.core.posterior import guide_draws, import_arviz
+from ppl_gen.core.protocol import load_model_file
 
 ROOT = Path(__file__).resolve().parents[2]
 NORMAL_MEAN = str(ROOT / "models" / "normal_mean.py")

@@ -1,4 +1,4 @@
-"""models/bayes_net.py and ppl_gen/bayesnet.py against oracles: brute-force sums over the
+"""models/bayes_net.py and ppl_gen/exact/bayesnet.py against oracles: brute-force sums over the
 full joint table, pgmpy's variable elimination, CAVI, the conjugate Dirichlet posterior."""
 
 import gzip
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ppl_gen import UserError
-from ppl_gen import bayesnet as bn
-from ppl_gen.protocol import load_model_file
+from ppl_gen.exact import bayesnet as bn
+from ppl_gen.core.protocol import load_model_file
 
 ROOT = Path(__file__).resolve().parents[2]
 ASIA = ROOT / "models" / "networks" / "asia.bif"

@@ -11,7 +11,7 @@ import torch
 
 from models import char_rnn
 from ppl_gen import Dataset
-from ppl_gen.train import make_elbo
+from ppl_gen.core.train import make_elbo
 
 
 def _lm(cell="gru", V=3):

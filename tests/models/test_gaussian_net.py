@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ppl_gen import UserError
-from ppl_gen.protocol import load_model_file
+from ppl_gen.core.protocol import load_model_file
 
 ROOT = Path(__file__).resolve().parents[2]
 

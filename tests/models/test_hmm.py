@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from ppl_gen import hmm
-from ppl_gen.protocol import load_model_file
-from ppl_gen.train import Trainer, make_elbo
+from ppl_gen.exact import hmm
+from ppl_gen.core.protocol import load_model_file
+from ppl_gen.core.train import Trainer, make_elbo
 
 K, V = 3, 4
 

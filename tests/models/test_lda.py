@@ -1,4 +1,4 @@
-"""models/lda.py and ppl_gen/lda.py against oracles: brute force over every topic assignment,
+"""models/lda.py and ppl_gen/exact/lda.py against oracles: brute force over every topic assignment,
 CAVI's ascent, CAVI's fixed point against a long SVI run, hand-computed perplexity and NPMI,
 known topics, scikit-learn's batch VB; the CLI end to end and its bad-input errors."""
 
@@ -14,11 +14,11 @@ import torch
 from pyro import poutine
 
 from inference import svi
-from ppl_gen import lda
-from ppl_gen.corpus import check_counts, document_halves, load_texts, sample_corpus
-from ppl_gen.errors import UserError
-from ppl_gen.protocol import load_model_file
-from ppl_gen.train import Trainer, make_elbo
+from ppl_gen.exact import lda
+from ppl_gen.datasets.corpus import check_counts, document_halves, load_texts, sample_corpus
+from ppl_gen.core.errors import UserError
+from ppl_gen.core.protocol import load_model_file
+from ppl_gen.core.train import Trainer, make_elbo
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 

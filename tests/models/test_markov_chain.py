@@ -8,9 +8,9 @@ import math
 import pyro
 import pytest
 
-from ppl_gen import text as texts
-from ppl_gen.protocol import load_model_file
-from ppl_gen.train import Trainer, make_elbo
+from ppl_gen.datasets import text as texts
+from ppl_gen.core.protocol import load_model_file
+from ppl_gen.core.train import Trainer, make_elbo
 
 
 def build(options, spec="sample"):

@@ -19,7 +19,7 @@ pytest.importorskip("numpyro")
 
 from inference import numpyro_backend as nb  # noqa: E402
 from inference.svi import main  # noqa: E402
-from ppl_gen.protocol import load_model_file  # noqa: E402
+from ppl_gen.core.protocol import load_model_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "char_rnn.py"

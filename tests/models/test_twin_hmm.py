@@ -21,8 +21,8 @@ pytest.importorskip("numpyro")
 from inference import numpyro_backend as nb  # noqa: E402
 from inference.svi import main  # noqa: E402
 from ppl_gen import Dataset  # noqa: E402
-from ppl_gen.protocol import load_model_file  # noqa: E402
-from ppl_gen.train import Trainer, make_elbo  # noqa: E402
+from ppl_gen.core.protocol import load_model_file  # noqa: E402
+from ppl_gen.core.train import Trainer, make_elbo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FILE = ROOT / "models" / "hmm.py"

@@ -1,10 +1,10 @@
 """models/lda.py's NumPyro twin against its Pyro model (Blei, Ng & Jordan 2003).
 
-Oracles: ``ppl_gen.lda`` (the torch E-step, phi and the closed-form mean-field ELBO
+Oracles: ``ppl_gen.exact.lda`` (the torch E-step, phi and the closed-form mean-field ELBO
 ``lda.elbo``, which is the exact expectation of both backends' ELBO estimators) and Pyro's
 enumerated ELBO itself (TraceEnum_ELBO, at fixed draws of theta and beta: one number).
 
-* exact: ``ppl_gen.lda_jax``'s E-step, phi and the matrix-product sums over tokens equal the
+* exact: ``ppl_gen.backends.lda_jax``'s E-step, phi and the matrix-product sums over tokens equal the
   torch versions and the sums over (m, v) pairs; at the same draws the twin's ELBO integrand
   equals Pyro's enumerated one;
 * Monte Carlo: at the same parameters, the two backends' ELBO estimates and the closed form
@@ -29,10 +29,10 @@ pytest.importorskip("numpyro")
 
 from inference import numpyro_backend as nb  # noqa: E402
 from inference.svi import main  # noqa: E402
-from ppl_gen import lda  # noqa: E402
-from ppl_gen.corpus import sample_corpus  # noqa: E402
-from ppl_gen.protocol import load_model_file  # noqa: E402
-from ppl_gen.train import Trainer, make_elbo  # noqa: E402
+from ppl_gen.exact import lda  # noqa: E402
+from ppl_gen.datasets.corpus import sample_corpus  # noqa: E402
+from ppl_gen.core.protocol import load_model_file  # noqa: E402
+from ppl_gen.core.train import Trainer, make_elbo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FILE = ROOT / "models" / "lda.py"
@@ -83,7 +83,7 @@ def test_jax_e_step_phi_and_token_sums_equal_the_torch_ones():
     matrix products, equal the sums over the nonzero (m, v) pairs with torch's phi."""
     import jax.numpy as jnp
 
-    from ppl_gen import lda_jax
+    from ppl_gen.backends import lda_jax
 
     x, _ = sample_corpus(docs=12, vocab=15, topics=3, words=25, alpha=0.3, eta=0.2, seed=3)
     x = x.double()

@@ -8,8 +8,8 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from models import vae as vae_file
-from ppl_gen.data import load_digits
-from ppl_gen.train import make_elbo
+from ppl_gen.datasets.images import load_digits
+from ppl_gen.core.train import make_elbo
 
 
 def _vae(device="cpu", latent_dim=4):
@@ -52,7 +52,7 @@ def test_importance_sampled_log_likelihood_bounds():
     """log p_hat_K(x) >= ELBO in expectation, and grows with K (Burda et al. 2016, Thm 1)."""
     # train briefly so that q(z|x) and p(z|x) differ in an interesting way (at random
     # initialisation the decoder ignores z and every bound is already tight)
-    from ppl_gen.train import Trainer
+    from ppl_gen.core.train import Trainer
 
     vae, _ = _vae()
     data = load_digits()

@@ -11,8 +11,8 @@ import torch
 
 from inference.compare import main as compare_main
 from models import vae as vae_file
-from ppl_gen.data import load_digits
-from ppl_gen.train import Trainer, make_elbo
+from ppl_gen.datasets.images import load_digits
+from ppl_gen.core.train import Trainer, make_elbo
 
 ROOT = Path(__file__).resolve().parents[2]
 VAE = str(ROOT / "models" / "vae.py")

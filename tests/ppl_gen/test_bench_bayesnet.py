@@ -2,7 +2,7 @@
 
 import pytest
 
-from ppl_gen import bench_bayesnet
+from ppl_gen.bench import bayesnet as bench_bayesnet
 
 
 def test_alarm_marginals_agree_with_pgmpy():

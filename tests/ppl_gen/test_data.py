@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_gen.data import load_digits, load_images, read_idx, read_idx_folder, write_idx
-from ppl_gen.errors import UserError
+from ppl_gen.datasets.images import load_digits, load_images, read_idx, read_idx_folder, write_idx
+from ppl_gen.core.errors import UserError
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])

@@ -7,9 +7,9 @@ import pyro.optim
 import pytest
 import torch
 
-from ppl_gen.data import load_digits
-from ppl_gen.train import BatchSchedule, Trainer, evaluate_elbo, make_elbo
-from ppl_gen.errors import UserError
+from ppl_gen.datasets.images import load_digits
+from ppl_gen.core.train import BatchSchedule, Trainer, evaluate_elbo, make_elbo
+from ppl_gen.core.errors import UserError
 
 
 def _vae(latent_dim=4, hidden_dim=32):
@@ -101,7 +101,7 @@ def test_a_parameter_with_its_own_rate_moves_by_that_rate():
     """Adam's first step moves every coordinate by exactly its rate, against the gradient's
     sign (Kingma & Ba 2015: the bias-corrected m / sqrt(v) is sign(g)): a parameter named in
     param_lr by its own rate, the others by lr; a reloaded state keeps both rates."""
-    from ppl_gen.train import Optimizers
+    from ppl_gen.core.train import Optimizers
 
     named = {"a": torch.zeros(3, requires_grad=True), "b": torch.zeros(2, requires_grad=True)}
     opt = Optimizers(lr=0.01, param_lr={"a": 0.1})

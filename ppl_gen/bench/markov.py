@@ -1,7 +1,7 @@
 """The Markov assumption against full history: held-out perplexity of order-1..k chains
 and of the character RNN, on the same lines and the same split, in one table.
 
-    python -m ppl_gen.bench_markov [--max-order 5] [--alpha 0.1] [--rnn RUN_DIR ...]
+    python -m ppl_gen.bench markov [--max-order 5] [--alpha 0.1] [--rnn RUN_DIR ...]
 
 Each chain is scored with its exact conjugate posterior predictive (the point SVI
 converges to; ``models/markov_chain.py``'s tests hold SVI to it), so the table needs
@@ -16,11 +16,11 @@ import json
 import math
 from pathlib import Path
 
-from .errors import UserError
+from ppl_gen.core.errors import UserError
 
 
 def main(argv=None) -> int:
-    from .protocol import load_model_file
+    from ppl_gen.core.protocol import load_model_file
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-order", type=int, default=5)
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--rnn", nargs="*", default=[], help="run folders of models/char_rnn.py")
     a = p.parse_args(argv)
     try:
-        mf = load_model_file(Path(__file__).resolve().parents[1] / "models" / "markov_chain.py")
+        mf = load_model_file(Path(__file__).resolve().parents[2] / "models" / "markov_chain.py")
         rows = []
         for k in range(1, a.max_order + 1):
             opts = mf.options({"order": k, "alpha": a.alpha})

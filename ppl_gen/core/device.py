@@ -3,7 +3,7 @@
 import pyro
 import torch
 
-from .errors import UserError
+from ppl_gen.core.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from ppl_gen.core.errors import UserError
 
 TRACE_FIELDS = ["step", "loss", "seconds", "test_elbo"]
 

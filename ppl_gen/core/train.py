@@ -19,10 +19,10 @@ import pyro
 import pyro.infer
 import torch
 
-from .data import Dataset
-from .errors import TrainingDiverged, UserError
-from .optim import RowwiseAdam
-from .protocol import Spec, takes_minibatches
+from ppl_gen.core.dataset import Dataset
+from ppl_gen.core.errors import TrainingDiverged, UserError
+from ppl_gen.core.optim import RowwiseAdam
+from ppl_gen.core.protocol import Spec, takes_minibatches
 
 # The lecture's ELBO, E_q[log p(x, z)] - E_q[log q(z)], estimated four ways:
 ELBOS = {

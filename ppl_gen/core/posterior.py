@@ -30,8 +30,8 @@ import pyro.poutine as poutine
 from pyro.poutine.util import site_is_subsample
 import torch
 
-from .errors import UserError
-from .protocol import takes_minibatches
+from ppl_gen.core.errors import UserError
+from ppl_gen.core.protocol import takes_minibatches
 
 NUM_DRAWS = 1000
 # a cap on the values stored per file (draws x values per draw): a large table of global
@@ -173,7 +173,7 @@ def to_inference_data(draws: dict, dims: dict, coords: dict, attrs: dict | None 
 
 
 def save_guide_posterior(run, path: str | Path, num_draws: int = NUM_DRAWS, seed: int = 0) -> Path | None:
-    """Write ``posterior.nc`` for a fitted run (a :class:`~ppl_gen.train.FittedRun`); None
+    """Write ``posterior.nc`` for a fitted run (a :class:`~ppl_gen.core.train.FittedRun`); None
     (and no file) when the model has no global latents. Draws use their own random stream,
     so writing the file changes nothing else in the run."""
     spec = run.spec

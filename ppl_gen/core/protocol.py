@@ -38,8 +38,8 @@ from typing import Any, Callable
 import pyro
 import torch
 
-from .data import Dataset, as_dataset
-from .errors import UserError
+from ppl_gen.core.dataset import Dataset, as_dataset
+from ppl_gen.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Spec:
     """Everything the runner needs from a model file, once built.
 
     ``evaluate(run) -> dict`` adds model-specific metrics; ``plots(run, out_dir)``
-    writes model-specific PNGs. ``run`` is the :class:`~ppl_gen.train.FittedRun`.
+    writes model-specific PNGs. ``run`` is the :class:`~ppl_gen.core.train.FittedRun`.
 
     ``local_params`` names the per-data-point parameters (one row per training example,
     as in an explicit guide): a minibatch step updates only its own rows of them, with
@@ -97,7 +97,7 @@ class Spec:
     updates: dict[str, Callable] = field(default_factory=dict)
     heldout_guide: Callable[[str, torch.Tensor], Callable] | None = None
     # names (or {name: labels}) for the dimensions of global latents in posterior.nc,
-    # where the plates' names are not the ones wanted (see ppl_gen.posterior)
+    # where the plates' names are not the ones wanted (see ppl_gen.core.posterior)
     posterior_dims: dict[str, Any] = field(default_factory=dict)
     # the model's own numbers (keys of what evaluate returns), for compare's table and plots
     metrics: tuple[Metric, ...] = ()

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ppl_gen.core.errors import UserError
 
 
 @dataclass

@@ -34,7 +34,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from .errors import UserError
+from ppl_gen.core.errors import UserError
 
 ROW_TOLERANCE = 1e-4  # BIF files print 4-6 digits; rows summing to 1 +- this are accepted
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from ppl_gen.core.errors import UserError
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:

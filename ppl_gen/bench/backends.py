@@ -1,11 +1,11 @@
 """Time per SVI step on each backend: the same model file, data, batch and starting point.
 
-    python -m ppl_gen.bench_backends                      # every model file with a NumPyro twin
-    python -m ppl_gen.bench_backends models/vae.py --steps 200 --rounds 5 --threads 1
+    python -m ppl_gen.bench backends                      # every model file with a NumPyro twin
+    python -m ppl_gen.bench backends models/vae.py --steps 200 --rounds 5 --threads 1
 
-For each model file: the Pyro runner's step (``ppl_gen.train.Trainer``, what
+For each model file: the Pyro runner's step (``ppl_gen.core.train.Trainer``, what
 ``inference.svi`` runs), NumPyro's JIT-compiled ``svi.update`` (``--backend numpyro``;
-Phan et al. 2019), and for the VAE a hand-written PyTorch step (``ppl_gen.bench``'s) as the
+Phan et al. 2019), and for the VAE a hand-written PyTorch step (``ppl_gen.bench.vae``'s) as the
 baseline. Timed in one process, rounds interleaved, median over rounds, after warm-up
 steps (JIT compilation is excluded here; the run folder's ``seconds`` include it). Speed is
 reported as ratios against the baseline, never asserted in a test.
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # (model file, model options, --data, batch size): each file's own defaults, small data
 CASES = {
     "vae": ("models/vae.py", {}, None, 128),
@@ -39,7 +39,7 @@ def _random_784(n: int = 1024, seed: int = 0):
     """MNIST-sized binary vectors (the step's cost does not depend on what the pixels show)."""
     import torch
 
-    from .data import Dataset
+    from ppl_gen.core.dataset import Dataset
 
     g = torch.Generator().manual_seed(seed)
     return Dataset(torch.bernoulli(torch.full((n, 784), 0.3), generator=g), None, name="random-784")
@@ -50,9 +50,9 @@ def bench_case(name: str, steps: int = 100, rounds: int = 5, seed: int = 0) -> d
     import torch
 
     from inference import numpyro_backend as nb
-    from ppl_gen.device import seed_everything
-    from ppl_gen.protocol import load_model_file
-    from ppl_gen.train import Trainer, make_elbo
+    from ppl_gen.core.device import seed_everything
+    from ppl_gen.core.protocol import load_model_file
+    from ppl_gen.core.train import Trainer, make_elbo
 
     path, opts, data_spec, batch = CASES[name]
     mf = load_model_file(ROOT / path)
@@ -72,7 +72,7 @@ def bench_case(name: str, steps: int = 100, rounds: int = 5, seed: int = 0) -> d
                                 nb.twin_elbo(twin, elbo), 1e-3, seed, nb.pyro_params())
     methods = {"pyro runner": runner.step, "numpyro jit": numpyro.step}
     if name.startswith("vae"):
-        from .bench import _hand_written_step
+        from ppl_gen.bench.vae import _hand_written_step
 
         vae = spec.model.__self__
         hand_optim = torch.optim.Adam(list(vae.encoder.parameters()) + list(vae.decoder.parameters()), lr=1e-3)
@@ -116,10 +116,10 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import benchkit
-    from .errors import UserError
+    from ppl_gen.bench import kit as benchkit
+    from ppl_gen.core.errors import UserError
 
-    p = benchkit.parser("python -m ppl_gen.bench_backends", __doc__)
+    p = benchkit.parser("python -m ppl_gen.bench backends", __doc__)
     p.add_argument("cases", nargs="*", help=f"which: {', '.join(CASES)} (default: all)")
     p.add_argument("--steps", type=int, default=100, help="steps per round (default: 100)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported (default: 5)")

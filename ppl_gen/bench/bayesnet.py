@@ -1,9 +1,9 @@
 """Exact inference speed on ALARM (Beinlich et al. 1989; 37 nodes, 46 edges).
 
-    python -m ppl_gen.bench_bayesnet [--repeats 5] [--threads 1]
+    python -m ppl_gen.bench bayesnet [--repeats 5] [--threads 1]
 
 All posterior marginals given evidence on 5 variables: ppl_gen's one contraction plus
-its gradient (``ppl_gen.bayesnet.posterior``) against pgmpy's variable elimination
+its gradient (``ppl_gen.exact.bayesnet.posterior``) against pgmpy's variable elimination
 (``VariableElimination.query``, one call per unobserved variable), timed in the same process; the
 two answers are compared too. The ALARM network is the BIF file that pgmpy ships
 (a test-extra dependency); nothing is downloaded.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import bayesnet as bn
-from . import benchkit
-from .errors import UserError
+from ppl_gen.exact import bayesnet as bn
+from ppl_gen.bench import kit as benchkit
+from ppl_gen.core.errors import UserError
 
 # five observed clinical measurements, in the spirit of ALARM's monitoring use
 EVIDENCE = "HRBP=HIGH,CO=LOW,BP=LOW,SAO2=LOW,EXPCO2=LOW"
@@ -85,7 +85,7 @@ def report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = benchkit.parser("python -m ppl_gen.bench_bayesnet", __doc__)
+    p = benchkit.parser("python -m ppl_gen.bench bayesnet", __doc__)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     return benchkit.run(args, lambda: bench(args.repeats), report)

@@ -1,8 +1,8 @@
 """Benchmark: the forward pass (log-likelihood) of 1,000 sequences of length 100 with K = 10.
 
-    python -m ppl_gen.bench_hmm [--device cuda] [--repeats 5]
+    python -m ppl_gen.bench hmm [--device cuda] [--repeats 5]
 
-Ours (``ppl_gen.hmm.forward``, all sequences in one batch) against hmmlearn's
+Ours (``ppl_gen.exact.hmm.forward``, all sequences in one batch) against hmmlearn's
 ``CategoricalHMM.score`` (C loops over each sequence) on the same parameters and
 data, in the same process; prints the time of each and their ratio, and checks the
 two log-likelihoods agree.
@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from . import hmm
+from ppl_gen.exact import hmm
 
 
 def main(argv=None) -> int:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     t_ours, ll_ours = best(ours)
     print(f"{n} sequences x {T} steps, K={K}, V={V}; best of {a.repeats}; torch threads {torch.get_num_threads()}")
-    print(f"  ppl_gen.hmm.forward ({dev}): {t_ours * 1e3:8.1f} ms   log p = {ll_ours:.4f}")
+    print(f"  ppl_gen.exact.hmm.forward ({dev}): {t_ours * 1e3:8.1f} ms   log p = {ll_ours:.4f}")
     try:
         from hmmlearn.hmm import CategoricalHMM
     except ImportError:

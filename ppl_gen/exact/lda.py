@@ -192,7 +192,7 @@ def document_completion(infer_theta: Callable[[torch.Tensor], torch.Tensor], top
     ``transform``) sees the first half and returns each document's topic proportions
     theta [B, K]; the second half is scored under ``topics`` [K, V] (posterior means).
     The one function every scheme and library is scored by."""
-    from .corpus import document_halves
+    from ppl_gen.datasets.corpus import document_halves
 
     observed, scored = document_halves(heldout, seed)
     keep = (observed.sum(-1) > 0) & (scored.sum(-1) > 0)
@@ -244,7 +244,7 @@ def topic_tv(estimated: torch.Tensor, true: torch.Tensor) -> tuple[float, list[i
 def top_words_figure(topics: torch.Tensor, vocab: list[str], path, title: str = "", n: int = 8,
                      coherence: torch.Tensor | None = None):
     """One line per topic: its top-n words, most probable first, with its NPMI if given."""
-    from . import plotting  # noqa: F401  (selects the Agg backend)
+    from ppl_gen.core import plotting# noqa: F401  (selects the Agg backend)
     import matplotlib.pyplot as plt
 
     probs = (topics / topics.sum(-1, keepdim=True)).cpu()

@@ -1,8 +1,8 @@
 """Latent Dirichlet allocation's mean-field quantities in JAX, for ``models/lda.py``'s NumPyro twin.
 
-The JAX counterparts of :mod:`ppl_gen.lda`'s :func:`~ppl_gen.lda.expected_log`,
-:func:`~ppl_gen.lda.phi_optimal`, :func:`~ppl_gen.lda.topic_stats` and
-:func:`~ppl_gen.lda.e_step` (Blei, Ng & Jordan 2003, "Latent Dirichlet Allocation", JMLR 3,
+The JAX counterparts of :mod:`ppl_gen.exact.lda`'s :func:`~ppl_gen.exact.lda.expected_log`,
+:func:`~ppl_gen.exact.lda.phi_optimal`, :func:`~ppl_gen.exact.lda.topic_stats` and
+:func:`~ppl_gen.exact.lda.e_step` (Blei, Ng & Jordan 2003, "Latent Dirichlet Allocation", JMLR 3,
 section 5.3 and appendix A.3), written so they trace under ``jax.jit``: no data-dependent
 shapes, and the E-step's sweeps run in ``jax.lax.while_loop`` with the torch version's
 stopping rule, so both return the same gamma.
@@ -14,7 +14,7 @@ With the topics fixed, the optimal q(z_mn) = Cat(phi_mn) of a token of word v in
 (Blei et al. 2003, eq. 6). Sums over tokens, sum_v n_mv sum_k phi_mvk f(m, v, k), are then
 matrix products of a [B, K], b [K, V] and n / c [B, V]: :func:`phi_expectation` computes them
 without the [B, V, K] array (or the list of nonzero (m, v) pairs, whose number depends on the
-data) that ``ppl_gen.lda`` indexes.
+data) that ``ppl_gen.exact.lda`` indexes.
 
 Nothing here imports numpyro; jax is imported with the module (``ppl_gen`` itself never imports
 this module at top level).
@@ -52,7 +52,7 @@ def e_step(x, lam, alpha: float, gamma=None, iters: int = 100, tol: float = 1e-3
         phi_mvk ∝ exp(E[log theta_mk]) exp(E[log beta_kv]),   gamma_mk = alpha + sum_v n_mv phi_mvk
 
     from a flat start (gamma = 1) unless ``gamma`` is given, until the mean change of gamma is
-    below ``tol`` or after ``iters`` sweeps: ``ppl_gen.lda.e_step``'s rule, as a
+    below ``tol`` or after ``iters`` sweeps: ``ppl_gen.exact.lda.e_step``'s rule, as a
     ``lax.while_loop``. The early stop is over the whole batch, as in the torch version, so each
     document's gamma is the same number there and here. Returns gamma and the sufficient
     statistics s_kv = sum_m n_mv phi_mvk."""

@@ -1,10 +1,10 @@
 """The LDA issue's three targets, measured side by side in one process:
 
-    python -m ppl_gen.bench_lda
-    python -m ppl_gen.bench_lda --svi-steps 400 --synthetic-steps 300 --synthetic-seeds 3 --out runs/bench-lda
+    python -m ppl_gen.bench lda
+    python -m ppl_gen.bench lda --svi-steps 400 --synthetic-steps 300 --synthetic-seeds 3 --out runs/bench-lda
 
 1. explicit mean-field SVI's held-out perplexity against scikit-learn's batch VB on Reuters
-   (K = 20, alpha = 0.1, eta = 0.01), both scored by ``ppl_gen.lda.document_completion``;
+   (K = 20, alpha = 0.1, eta = 0.01), both scored by ``ppl_gen.exact.lda.document_completion``;
 2. the amortized encoder's time to infer theta for 1,000 new documents against scikit-learn's
    ``transform`` (ratio);
 3. topic recovery (mean TV after Hungarian matching) on 2,000 synthetic documents of 100 words,
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from . import lda
-from .corpus import load_reuters, load_synthetic
+from ppl_gen.exact import lda
+from ppl_gen.datasets.corpus import load_reuters, load_synthetic
 
 
 def _scheme(guide: str, data: str, steps: int, batch_size, lr: float, out: Path, options: dict,
@@ -33,7 +33,7 @@ def _scheme(guide: str, data: str, steps: int, batch_size, lr: float, out: Path,
     from inference import svi
 
     label = label or guide
-    cfg = svi.RunConfig(model_file=str(Path(__file__).resolve().parents[1] / "models" / "lda.py"), guide=guide,
+    cfg = svi.RunConfig(model_file=str(Path(__file__).resolve().parents[2] / "models" / "lda.py"), guide=guide,
                         elbo="enum", steps=steps, batch_size=batch_size, lr=lr, data=data, seed=seed,
                         out=str(out / f"{label.replace(' ', '_')}-seed{seed}"),
                         progress=False, eval_every=steps, eval_particles=2, options=options)
@@ -83,7 +83,7 @@ def _reuters(args, out: Path, rows: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ppl_gen.bench_lda", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ppl_gen.bench lda", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--svi-steps", type=int, default=400, help="full-batch SVI steps on Reuters (explicit, amortized)")
     p.add_argument("--cavi-steps", type=int, default=50, help="CAVI sweeps (scikit-learn gets as many iterations)")

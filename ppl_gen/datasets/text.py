@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .data import Dataset
-from .errors import UserError
+from ppl_gen.core.dataset import Dataset
+from ppl_gen.core.errors import UserError
 
 EOS = "\n"
 HOLDOUT_EVERY = 5  # every 5th line is held out

@@ -8,7 +8,7 @@ A model file declares its twin with a function at its end::
 
     def numpyro_twin(options, dataset):
         import numpyro, numpyro.distributions as nd          # imported here, never at the top
-        from ppl_gen.numpyro_twin import NumpyroTwin, data_plate
+        from ppl_gen.backends.numpyro_twin import NumpyroTwin, data_plate
         def model(x, idx=None, size=None): ...
         def guide(x, idx=None, size=None): ...
         return NumpyroTwin(model=model, guides={"guide": guide})
@@ -43,7 +43,7 @@ class NumpyroTwin:
     ``model`` and ``guides`` mirror the Pyro Spec's (same names). ``x64`` asks JAX for
     float64 (``jax_enable_x64``), for models whose Pyro side computes in float64.
     ``local_params`` names per-data-point parameters (one row per training example): the
-    backend updates only the rows a step touched, like ``ppl_gen.optim.RowwiseAdam``.
+    backend updates only the rows a step touched, like ``ppl_gen.core.optim.RowwiseAdam``.
     ``enum_as`` names the estimator that stands for ``--elbo enum`` in a twin with nothing to
     enumerate (no discrete latent site), where Pyro's TraceEnum_ELBO computes exactly
     Trace_ELBO's estimate: ``"trace"``. Left None, ``--elbo enum`` is refused (NumPyro's

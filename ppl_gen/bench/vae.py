@@ -6,7 +6,7 @@
 Times one SVI step of models/vae.py's VAE four ways, against a hand-written PyTorch step
 of the identical networks, batch and single-sample Monte Carlo ELBO:
 
-* runner        the runner's default path (ppl_gen.train.Trainer: Trace_ELBO as a loss,
+* runner        the runner's default path (ppl_gen.core.train.Trainer: Trace_ELBO as a loss,
                 torch.optim.Adam, Pyro's checks off after the first step)
 * runner --jit  the same with JitTrace_ELBO
 * SVI           pyro.infer.SVI + pyro.optim.Adam + Trace_ELBO, checks on (Pyro's defaults)
@@ -28,9 +28,9 @@ import pyro.optim
 import torch
 from torch.nn import functional as F
 
-from . import benchkit
-from .device import resolve_device
-from .train import Trainer, make_elbo
+from ppl_gen.bench import kit as benchkit
+from ppl_gen.core.device import resolve_device
+from ppl_gen.core.train import Trainer, make_elbo
 
 
 def _hand_written_step(vae, optim):
@@ -114,8 +114,7 @@ def _table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = benchkit.parser("python -m ppl_gen.bench", __doc__)
-    p.add_argument("which", choices=["vae"], help="what to benchmark")
+    p = benchkit.parser("python -m ppl_gen.bench vae", __doc__)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--x-dim", type=int, default=784)
     p.add_argument("--hidden-dim", type=int, default=400)

@@ -1,0 +1,1 @@
+"""Inference backends besides Pyro's own: the NumPyro mirror and its helpers."""

@@ -1,0 +1,1 @@
+"""Data sets and readers (images, corpora, text); nothing here downloads anything."""
