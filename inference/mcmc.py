@@ -53,7 +53,7 @@ class MCMCOptions:
 
 
 def add_flags(parser) -> None:
-    from .svi import _positive
+    from ppl_gen.core.settings import positive as _positive
 
     g = parser.add_argument_group("MCMC reference (inference.compare --mcmc)")
     g.add_argument("--mcmc", action="store_true",
@@ -144,13 +144,13 @@ def run_nuts(model, x: torch.Tensor, opts: MCMCOptions, seed: int = 0, custom_di
 
 def reference(cfg, model_file, opts: MCMCOptions, out: Path) -> dict:
     """Build the model on the run's data, run NUTS, write ``out/mcmc/posterior.nc``."""
-    from ppl_gen.core.device import seed_everything
+    import dataclasses
 
-    options = model_file.options(cfg.options)
-    dataset = model_file.data(cfg.data, options)    # on the CPU: NUTS's small steps gain nothing on a GPU
-    pyro.clear_param_store()
-    seed_everything(cfg.seed)
-    spec = model_file.build(options, dataset, elbo=cfg.elbo)
+    from ppl_gen.core.pipeline import RunSetup
+
+    # on the CPU: NUTS's small steps gain nothing on a GPU
+    setup = RunSetup.build(dataclasses.replace(cfg, device="cpu"), model_file)
+    dataset, spec = setup.dataset, setup.spec
     print(f"== NUTS: {opts.chains} chain(s) x ({opts.warmup} warmup + {opts.samples} draws)", file=sys.stderr)
     idata, seconds, divergences = run_nuts(spec.model, dataset.train, opts, seed=cfg.seed,
                                            custom_dims=spec.posterior_dims, progress=cfg.progress,

@@ -18,5 +18,5 @@ def __getattr__(name):
     if name == "plotting":
         import importlib
 
-        return importlib.import_module(".plotting", __name__)
+        return importlib.import_module("ppl_gen.core.plotting")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

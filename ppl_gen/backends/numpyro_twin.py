@@ -13,7 +13,7 @@ A model file declares its twin with a function at its end::
         def guide(x, idx=None, size=None): ...
         return NumpyroTwin(model=model, guides={"guide": guide})
 
-The contract that makes the two backends comparable (``inference.numpyro_backend``):
+The contract that makes the two backends comparable (``ppl_gen.backends.numpyro_backend``):
 
 * the same site names, priors and likelihoods as the Pyro model, and the same guide names;
 * every ``numpyro.param`` carries the *name, shape and constraint of its Pyro counterpart*

@@ -49,7 +49,7 @@ def bench_case(name: str, steps: int = 100, rounds: int = 5, seed: int = 0) -> d
     import pyro
     import torch
 
-    from inference import numpyro_backend as nb
+    from ppl_gen.backends import numpyro_backend as nb
     from ppl_gen.core.device import seed_everything
     from ppl_gen.core.protocol import load_model_file
     from ppl_gen.core.train import Trainer, make_elbo
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def measure():
-        from inference.numpyro_backend import require_numpyro
+        from ppl_gen.backends.numpyro_backend import require_numpyro
 
         require_numpyro()
         unknown = [c for c in args.cases if c not in CASES]

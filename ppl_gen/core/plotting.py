@@ -37,7 +37,8 @@ def elbo_curve(trace: list[dict], path: Path, title: str = "") -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("ELBO per data point (nats)")
     ax.set_title(title or "ELBO during training")
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -117,7 +118,8 @@ def compare_curves(traces: dict[str, list[dict]], path: Path) -> Path:
     axes[0].set_xlabel("step")
     axes[1].set_xlabel("training seconds")
     axes[0].set_ylabel("ELBO per data point (nats)")
-    axes[0].legend(fontsize=8, loc="lower right")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8, loc="lower right")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle("same model, data, seed and step budget")
@@ -127,41 +129,35 @@ def compare_curves(traces: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
-def compare_bars(rows: list[dict], path: Path) -> Path:
-    """Held-out ELBO and log-likelihood per guide; the two gaps stacked, where reported."""
+def compare_bars(rows: list[dict], metrics: list, path: Path) -> Path | None:
+    """One panel per declared metric (``ppl_gen.Metric``): each guide's value as a dot with its
+    number, the better direction in the title. Dots, not bars: ELBOs are negative and differ
+    far less than their size, so bars from zero would hide the differences. None: nothing to draw."""
+    panels = [m for m in metrics if any(r.get(m.key) is not None for r in rows)]
+    if not panels:
+        return None
     names = [r["guide"] for r in rows]
-    has_gaps = any("approximation_gap" in r for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_gaps else 1, figsize=(11 if has_gaps else 6, 4.2), squeeze=False)
-    ax = axes[0, 0]
-    x = np.arange(len(rows))
-    for j, (key, label) in enumerate([("test_elbo", "held-out ELBO"), ("test_log_likelihood", "held-out log p(x)")]):
-        vals = [r.get(key) for r in rows]
-        if all(v is None for v in vals):
-            continue
-        vals = np.array([np.nan if v is None else v for v in vals])
-        ax.bar(x + 0.38 * (j - 0.5), vals, width=0.36, label=label, color=f"C{j}")
-        for xi, v in zip(x + 0.38 * (j - 0.5), vals):
-            ax.annotate(f"{v:.2f}", (xi, v), ha="center", va="top", fontsize=7, color="white",
-                        xytext=(0, -3), textcoords="offset points")
-    finite = [r.get(k) for r in rows for k in ("test_elbo", "test_log_likelihood") if r.get(k) is not None]
-    if finite:  # bars of negative numbers: show the range where they differ
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 1.2, 0.45 * len(rows) + 1.6),
+                             squeeze=False, sharey=True)
+    y = np.arange(len(rows))
+    for ax, m in zip(axes[0], panels):
+        vals = [r.get(m.key) for r in rows]
+        for yi, v in zip(y, vals):
+            if v is None:
+                continue
+            ax.plot([v], [yi], "o", color="C0", ms=6)
+            ax.annotate(m.fmt.format(v), (v, yi), xytext=(0, 6), textcoords="offset points", ha="center",
+                        fontsize=7)
+        finite = [v for v in vals if v is not None]
         lo, hi = min(finite), max(finite)
-        ax.set_ylim(lo - 0.6 * (hi - lo + 1e-3), min(hi + 0.4 * (hi - lo + 1e-3), 0))
-    ax.set_xticks(x, names)
-    ax.set_ylabel("nats per data point (higher is better)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    if has_gaps:
-        ax = axes[0, 1]
-        approx = np.array([r.get("approximation_gap", np.nan) for r in rows])
-        amort = np.array([r.get("amortization_gap", np.nan) for r in rows])
-        ax.bar(x, approx, color="C2", label="approximation gap: log p(x) - ELBO(q*)")
-        ax.bar(x, amort, bottom=approx, color="C3", label="amortization gap: ELBO(q*) - ELBO(q)")
-        ax.set_xticks(x, names)
-        ax.set_ylabel("nats per data point")
-        ax.set_title("log p(x) - ELBO(q), split (Cremer et al. 2018)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, axis="y")
+        pad = 0.25 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-3
+        ax.set_xlim(lo - pad, hi + pad)
+        better = {True: " (higher is better)", False: " (lower is better)"}.get(m.higher_is_better, "")
+        ax.set_title(m.header + better, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0, 0].set_yticks(y, names)
+    axes[0, 0].set_ylim(-0.6, len(rows) - 0.4)
+    axes[0, 0].invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -58,6 +58,28 @@ class Metric:
 
 
 @dataclass
+class Guide:
+    """A guide and what the runner must know to fit and score it, carried by the guide itself
+    (the way Pyro's autoguides own their parameters), so nothing keys on its name.
+
+    ``local_params``: its per-data-point parameters (one row per training example): a minibatch
+    step updates only its own rows, at rate ``local_lr`` (default ``--lr``). ``update(x, idx,
+    size, t) -> -ELBO``: the guide is fitted by closed-form updates of its parameters in Pyro's
+    store (coordinate ascent, CAVI) instead of gradient steps. ``heldout(x) -> guide``: the guide
+    to score new data ``x`` with, for a guide that cannot be applied to data it was not fitted on
+    (an explicit guide fits fresh local parameters there)."""
+
+    fn: Callable
+    local_params: tuple[str, ...] = ()
+    local_lr: float | None = None
+    update: Callable | None = None
+    heldout: Callable[[torch.Tensor], Callable] | None = None
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+@dataclass
 class Spec:
     """Everything the runner needs from a model file, once built.
 
@@ -80,7 +102,7 @@ class Spec:
     """
 
     model: Callable
-    guides: dict[str, Callable]
+    guides: dict[str, Callable | Guide]
     default_guide: str | None = None
     evaluate: Callable[[Any], dict] | None = None
     plots: Callable[[Any, Path], list] | None = None
@@ -116,6 +138,17 @@ class Spec:
             raise UserError(f"unknown guide {name!r}; this model file has: {', '.join(self.guides)}")
         return self.guides[name]
 
+    def resolve(self, name: str | None) -> Guide:
+        """Guide ``name`` as a :class:`Guide`; the Spec-wide fields (``local_params``,
+        ``updates[name]``, ``heldout_guide``) fill in what a plain function cannot carry."""
+        name = name or self.default_guide
+        g = self.guide(name)
+        if isinstance(g, Guide):
+            return g
+        heldout = (lambda x: self.heldout_guide(name, x)) if self.heldout_guide else None
+        return Guide(fn=g, local_params=tuple(self.local_params), local_lr=self.local_lr,
+                     update=self.updates.get(name), heldout=heldout)
+
 
 @dataclass
 class ModelFile:
@@ -141,12 +174,15 @@ class ModelFile:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             helptext = f.metadata.get("help", "") + f" (default: {default})"
             kind = f.type if isinstance(f.type, type) else type(default)
+            choices = f.metadata.get("choices")
+            metavar = ("{" + ",".join(map(str, choices)) + "}" if choices else
+                       {int: "N", float: "X"}.get(kind, "TEXT"))
             if kind is bool:
                 group.add_argument(flag, dest=f"opt_{f.name}", action=argparse.BooleanOptionalAction,
                                    default=None, help=helptext)
             else:
-                group.add_argument(flag, dest=f"opt_{f.name}", type=kind, default=None,
-                                   choices=f.metadata.get("choices"), help=helptext)
+                group.add_argument(flag, dest=f"opt_{f.name}", type=kind, default=None, metavar=metavar,
+                                   choices=choices, help=helptext)
 
     def options(self, values: dict[str, Any] | None = None):
         """Build the ``Options`` instance from flag values (None = default)."""
@@ -197,6 +233,7 @@ def _accepted(fn: Callable, **kwargs) -> dict:
 
 def takes_minibatches(fn: Callable) -> bool:
     """A model or guide that accepts ``idx`` can be trained on minibatches."""
+    fn = fn.fn if isinstance(fn, Guide) else fn
     try:
         return "idx" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -216,8 +253,12 @@ def load_model_file(path: str | Path) -> ModelFile:
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module  # dataclasses look their module up here
+    from ppl_gen.core.guard import model_code
+    from ppl_gen.core.settings import check_model_defaults
+
     try:
-        spec.loader.exec_module(module)
+        with model_code(path, "while importing it"):
+            spec.loader.exec_module(module)
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
     except ImportError as e:
@@ -231,7 +272,7 @@ def load_model_file(path: str | Path) -> ModelFile:
     if options_cls is not None and not dataclasses.is_dataclass(options_cls):
         raise UserError(f"{path}: Options must be a dataclass")
     return ModelFile(path=path.resolve(), module=module, name=name, options_cls=options_cls,
-                     defaults=dict(getattr(module, "DEFAULTS", {}) or {}))
+                     defaults=check_model_defaults(getattr(module, "DEFAULTS", None) or {}, path.name))
 
 
 def data_plate(x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None,

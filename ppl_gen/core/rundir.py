@@ -111,7 +111,23 @@ class RunFolder:
         with open(self.path / "trace.csv", "a", newline="") as f:
             csv.DictWriter(f, TRACE_FIELDS).writerows(rows)
 
+    def set_test_elbo(self, step: int, value: float) -> None:
+        """Add the held-out ELBO to the row of ``step``, after that row (and the checkpoint) are
+        on disk: an evaluation that fails or is interrupted loses nothing."""
+        rows = self.read_trace()
+        for r in rows:
+            if int(r["step"]) == step:
+                r["test_elbo"] = value
+        tmp = self.path / "trace.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, TRACE_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path / "trace.csv")
+
     def read_trace(self) -> list[dict]:
+        if not (self.path / "trace.csv").is_file():
+            return []
         with open(self.path / "trace.csv", newline="") as f:
             return list(csv.DictReader(f))
 
@@ -130,7 +146,12 @@ class RunFolder:
         if not self.checkpoint_path.is_file():
             raise UserError(f"{self.path} has no checkpoint.pt to resume from")
         try:
-            return torch.load(self.checkpoint_path, map_location=map_location, weights_only=True)
+            state = torch.load(self.checkpoint_path, map_location=map_location, weights_only=True)
         except Exception as e:  # torch raises several types for damaged files
             raise UserError(f"cannot load {self.checkpoint_path} ({type(e).__name__}); "
                             "the checkpoint is damaged, start a new run") from None
+        missing = [k for k in ("step", "params") if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise UserError(f"{self.checkpoint_path} lacks {' and '.join(missing)}: it is damaged or not a "
+                            "ppl_gen checkpoint; start a new run")
+        return state

@@ -337,6 +337,7 @@ class FittedRun:
     config: dict
     out: Path
     trace: list[dict] = field(default_factory=list)
+    guide_obj: Any = None  # the resolved ppl_gen.Guide, when the pipeline made this run
 
     @property
     def model(self) -> Callable:
@@ -344,4 +345,4 @@ class FittedRun:
 
     @property
     def guide(self) -> Callable:
-        return self.spec.guides[self.guide_name]
+        return self.guide_obj if self.guide_obj is not None else self.spec.resolve(self.guide_name)

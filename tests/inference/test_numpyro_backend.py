@@ -19,7 +19,8 @@ import torch
 
 pytest.importorskip("numpyro")
 
-from inference import compare, numpyro_backend as nb  # noqa: E402
+from inference import compare  # noqa: E402
+from ppl_gen.backends import numpyro_backend as nb  # noqa: E402
 from inference.svi import main  # noqa: E402
 from ppl_gen.exact.gaussian import linear_gaussian_joint  # noqa: E402
 from ppl_gen.core.optim import RowwiseAdam  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("numpyro")
 
-from inference import numpyro_backend as nb  # noqa: E402
+from ppl_gen.backends import numpyro_backend as nb  # noqa: E402
 from inference.svi import main  # noqa: E402
 from ppl_gen.exact import bayesnet as bn  # noqa: E402
 from ppl_gen.core.protocol import load_model_file  # noqa: E402

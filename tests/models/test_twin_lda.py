@@ -27,7 +27,7 @@ from pyro import poutine
 
 pytest.importorskip("numpyro")
 
-from inference import numpyro_backend as nb  # noqa: E402
+from ppl_gen.backends import numpyro_backend as nb  # noqa: E402
 from inference.svi import main  # noqa: E402
 from ppl_gen.exact import lda  # noqa: E402
 from ppl_gen.datasets.corpus import sample_corpus  # noqa: E402

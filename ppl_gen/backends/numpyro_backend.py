@@ -342,44 +342,47 @@ def numpyro_elbo(model: Callable, guide: Callable, params: dict, x, idx=None, si
     return -float(loss)
 
 
-# ---------------------------------------------------------------- the run
-def run(cfg, mf):
-    """``inference.svi`` with NumPyro doing the optimization: the runner's own phases
-    (prepare, open_run, train_loop, finish) around a NumPyro training step, so the run
-    folder, the evaluation and the plots are the Pyro path's, on the NumPyro values."""
-    require_numpyro()
-    from inference import svi
-    from ppl_gen.core.train import Trainer, make_elbo
+# ---------------------------------------------------------------- the backend
+class NumpyroBackend:
+    """``--backend numpyro`` for the pipeline: NumPyro does the optimization; the run folder,
+    the evaluation and the plots are the Pyro path's, on the NumPyro values."""
 
-    if cfg.data_on_host:
-        raise UserError("--data-on-host runs on the Pyro backend only (NumPyro holds the data as one JAX "
-                        "array on its device); drop it or use --backend pyro")
-    device, options, dataset, spec, guide_name, guide = svi.prepare(cfg, mf)
-    if guide_name in spec.updates:
-        raise UserError(f"guide {guide_name!r} is {CLOSED_FORM}; use --backend pyro for it")
-    twin = load_twin(mf, options, dataset)
-    elbo_name = twin_elbo(twin, cfg.elbo)  # an unsupported --elbo fails before any training work
-    tguide = twin_guide(twin, guide_name, mf.path.name)
-    # The Pyro side creates the parameters exactly as a Pyro run would (same seed, same
-    # initializers): that is NumPyro's starting point, and where evaluation reads them back.
-    pyro_side = Trainer(spec.model, guide, dataset.train, make_elbo(cfg.elbo), lr=cfg.lr,
-                        batch_size=cfg.batch_size, seed=cfg.seed, local_params=spec.local_params,
-                        local_lr=spec.local_lr)
-    pyro_side.init_params()
-    trainer = NumpyroTrainer(twin.model, tguide, to_jax(dataset.train), pyro_side.schedule, elbo_name, cfg.lr,
-                             cfg.seed, pyro_params(), cfg.num_particles,
-                             local_params=tuple(set(twin.local_params) | set(spec.local_params)),
-                             local_lr=spec.local_lr, param_lr=spec.param_lr)
-    import jax
+    name, suffix = "numpyro", " (numpyro)"
 
-    folder, start, seconds0, config = svi.open_run(
-        cfg, mf, trainer, guide_name, device, dataset, options, pyro_side.schedule.batch_size,
-        extra_config={"jax_device": str(jax.devices()[0]), "jax_x64": bool(twin.x64)})
-    evaluate = svi.heldout_evaluator(cfg, spec, guide_name, guide, dataset,
-                                     before=lambda: copy_to_pyro(trainer.params()))
-    # training seconds include JIT compilation (the first step) and exclude evaluation
-    seconds = svi.train_loop(cfg, trainer, folder, evaluate, start, seconds0,
-                             desc=f"{mf.name}/{guide_name} (numpyro)")
-    copy_to_pyro(trainer.params())
-    return svi.finish(cfg, mf, spec, guide_name, guide, dataset, options, device, config, folder, seconds,
-                      title=f"{mf.name} / {guide_name} / {cfg.elbo} (numpyro)")
+    def check(self, setup) -> None:
+        require_numpyro()
+        if setup.cfg.data_on_host:
+            raise UserError("--data-on-host runs on the Pyro backend only (NumPyro holds the data as one JAX "
+                            "array on its device); drop it or use --backend pyro")
+        if setup.guide.update is not None:
+            raise UserError(f"guide {setup.guide_name!r} is {CLOSED_FORM}; use --backend pyro for it")
+        self.twin = load_twin(setup.mf, setup.options, setup.dataset)
+        self.elbo_name = twin_elbo(self.twin, setup.cfg.elbo)  # an unsupported --elbo fails before any work
+        self.guide = twin_guide(self.twin, setup.guide_name, setup.mf.path.name)
+
+    def trainer(self, setup):
+        from ppl_gen.core.pipeline import site_check
+        from ppl_gen.core.train import Trainer, make_elbo
+
+        cfg, spec, g = setup.cfg, setup.spec, setup.guide
+        # The Pyro side creates the parameters exactly as a Pyro run would (same seed, same
+        # initializers): that is NumPyro's starting point, and where evaluation reads them back.
+        pyro_side = Trainer(spec.model, g.fn, setup.dataset.train, make_elbo(cfg.elbo), lr=cfg.lr,
+                            batch_size=cfg.batch_size, seed=cfg.seed, local_params=g.local_params,
+                            local_lr=g.local_lr)
+        with site_check(setup.mf.path.name, setup.guide_name):
+            pyro_side.init_params()
+        trainer = NumpyroTrainer(self.twin.model, self.guide, to_jax(setup.dataset.train), pyro_side.schedule,
+                                 self.elbo_name, cfg.lr, cfg.seed, pyro_params(), cfg.num_particles,
+                                 local_params=tuple(set(self.twin.local_params) | set(g.local_params)),
+                                 local_lr=g.local_lr, param_lr=spec.param_lr)
+        return trainer
+
+    def extra_config(self, setup) -> dict:
+        import jax
+
+        return {"jax_device": str(jax.devices()[0]), "jax_x64": bool(self.twin.x64)}
+
+    def sync(self, trainer) -> None:
+        """Copy the fitted values into Pyro's store before anything evaluates them."""
+        copy_to_pyro(trainer.params())
