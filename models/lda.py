@@ -56,7 +56,7 @@ from pyro import poutine
 from pyro.ops.indexing import Vindex
 from torch import nn
 
-from ppl_gen import Dataset, Spec, UserError, data_plate
+from ppl_gen import Dataset, Metric, Spec, UserError, data_plate
 from ppl_gen.datasets import corpus as corpora
 from ppl_gen.exact import lda
 
@@ -391,8 +391,19 @@ def build(options: Options, dataset: Dataset, elbo: str | None = None) -> Spec:
                 updates={"cavi": model.cavi_update}, evaluate=model.evaluate, plots=model.plots,
                 local_params=("gamma",), local_lr=o.local_lr, heldout_guide=model.heldout_guide,
                 param_lr={"lambda": o.topic_lr} if o.topic_lr > 0 else {}, buffers={"encoder": model.encoder},
-                streams=True,
+                streams=True, metrics=METRICS,
                 description=__doc__.split("\n")[0])
+
+
+# the numbers inference.compare shows for this file, beside the runner's own
+METRICS = (
+    Metric("train_elbo_per_token", "train ELBO/token", "{:.3f}", higher_is_better=True),
+    Metric("test_perplexity", "held-out perplexity", "{:.1f}", higher_is_better=False, bar=True),
+    Metric("npmi", "mean NPMI", "{:.3f}", higher_is_better=True, bar=True),
+    Metric("variational_parameters", "variational parameters", "{:,}"),
+    Metric("topic_tv", "topic TV", "{:.3f}", higher_is_better=False),
+    Metric("infer_seconds_1000", "s to infer 1,000 docs", "{:.3f}", higher_is_better=False),
+)
 
 
 def numpyro_twin(options: Options, dataset: Dataset):
