@@ -78,7 +78,7 @@ def data(options: Options) -> Dataset:
     """The evidence as one row over (A, B, C, D); NaN marks an unobserved node."""
     ev = parse_evidence(options.evidence)
     row = torch.tensor([[ev.get(v, float("nan")) for v in NODES]])
-    return Dataset(train=row, name="evidence", meta={"evidence": ev})
+    return Dataset(train=row, name="evidence", meta={"evidence": ev}, nan_is_missing=True)
 
 
 class GaussianNet:

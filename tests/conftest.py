@@ -1,6 +1,7 @@
 """Shared fixtures: one seed, a clear parameter store and Pyro's checks on, for every test."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(autouse=True)
+def jax_x64_restored():
+    """JAX's x64 flag is process-wide: whatever a test sets, the next test finds it as it was."""
+    jax = sys.modules.get("jax")
+    before = jax.config.read("jax_enable_x64") if jax else None
+    yield
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        jax.config.update("jax_enable_x64", bool(before))
+
+
+def readme_model(folder: Path) -> str:
+    """The README's own model file (``my_model.py``), copied out of the README into ``folder``."""
+    code = re.search(r"```python\n# my_model\.py\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    path = Path(folder) / "my_model.py"
+    path.write_text(code)
+    return str(path)

@@ -24,6 +24,8 @@ class Dataset:
     labels_test: torch.Tensor | None = None
     name: str = "data"
     meta: dict[str, Any] = field(default_factory=dict)
+    # NaN marks a missing (unobserved) value, on purpose: the runner's NaN check lets it pass
+    nan_is_missing: bool = False
     # where the model computes, when the tensors stay in host memory (--data-on-host)
     compute_device: torch.device | None = None
 
@@ -35,14 +37,14 @@ class Dataset:
     def to(self, device: torch.device) -> "Dataset":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Dataset(move(self.train), move(self.test), move(self.labels_train),
-                       move(self.labels_test), self.name, dict(self.meta))
+                       move(self.labels_test), self.name, dict(self.meta), self.nan_is_missing)
 
     def on_host(self, device: torch.device) -> "Dataset":
         """The tensors stay in host memory (page-locked when the device is a GPU, so batch
         copies can overlap compute); models compute on ``device``."""
         keep = lambda t: None if t is None else (t.pin_memory() if device.type == "cuda" else t)  # noqa: E731
         return Dataset(keep(self.train), keep(self.test), self.labels_train, self.labels_test, self.name,
-                       dict(self.meta), compute_device=device)
+                       dict(self.meta), self.nan_is_missing, compute_device=device)
 
 
 def as_dataset(value: Any) -> Dataset:

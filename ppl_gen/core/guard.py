@@ -8,6 +8,7 @@ with no frame of the file on the stack is the library's and keeps its traceback.
 
 from __future__ import annotations
 
+import re
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +21,27 @@ class ModelFileError(UserError):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    text = [t.strip() for t in str(e).strip().splitlines()]
+    if len(text) > 1 and text[0].endswith(":"):  # Pyro's "Error while computing log_prob at site 'x':"
+        text = [f"{text[0]} {text[1]}"]
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def site_line(e: BaseException, path: Path) -> tuple[int, str] | None:
+    """For Pyro's errors about a sample site (raised inside the ELBO, after the model's own code
+    has returned): the line of the model file that declares that site."""
+    found = re.search(r"at site '([^']+)'", str(e))
+    if not found:
+        return None
+    site = re.escape(found.group(1))
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for i, line in enumerate(lines, 1):
+        if re.search(rf"sample\(\s*f?['\"]{site}['\"]", line):
+            return i, f"site {found.group(1)!r}"
+    return None
 
 
 def blame(e: BaseException, path: Path) -> traceback.FrameSummary | None:
@@ -47,7 +67,8 @@ def model_code(path: Path, doing: str):
         raise
     except Exception as e:
         frame = blame(e, path)
-        if frame is None:
+        where = (frame.lineno, frame.name) if frame is not None else site_line(e, path)
+        if where is None:
             raise
-        raise ModelFileError(f"{Path(path).name}:{frame.lineno} ({frame.name}, {doing}): {_first_line(e)}; "
+        raise ModelFileError(f"{Path(path).name}:{where[0]} ({where[1]}, {doing}): {_first_line(e)}; "
                              "fix the model file (--traceback shows the whole traceback)") from e

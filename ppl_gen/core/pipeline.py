@@ -77,7 +77,7 @@ def check_data(dataset: Dataset, file_name: str) -> None:
     if dataset.train.shape[0] == 0:
         raise UserError(f"{file_name}'s data() returned an empty training set; return at least one data point")
     for split, t in (("training", dataset.train), ("held-out", dataset.test)):
-        if t is None or not torch.is_floating_point(t):
+        if t is None or not torch.is_floating_point(t) or (dataset.nan_is_missing and not torch.isinf(t).any()):
             continue
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
@@ -141,9 +141,9 @@ class RunSetup:
 
 # ---------------------------------------------------------------- the model and guide agree
 MISMATCH = {"Found non-auxiliary vars in guide but not model": "guide {guide!r} samples {sites}, which the model "
-                                                               "does not have; use the model's site names in the guide",
-            "Found vars in model but not guide": "the model's latent site(s) {sites} have no counterpart in guide "
-                                                 "{guide!r}; sample them in the guide under the same names"}
+                                                               "does not have",
+            "Found vars in model but not guide": "the model's latent site(s) {sites} have no counterpart in "
+                                                 "guide {guide!r}"}
 
 
 @contextmanager
@@ -154,13 +154,15 @@ def site_check(file_name: str, guide_name: str):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
+    found = []
     for w in caught:
         text = str(w.message)
-        for start, fix in MISMATCH.items():
+        for start, what in MISMATCH.items():
             if text.startswith(start):
-                found = re.search(r"\{(.*)\}", text, re.S)
-                sites = found.group(1).replace("'", "") if found else "?"
-                raise UserError(f"{file_name}: " + fix.format(guide=guide_name, sites=sites))
+                sets = re.findall(r"\{([^{}]*)\}", text)  # the last {...} is the set of sites
+                found.append(what.format(guide=guide_name, sites=sets[-1].replace("'", "") if sets else "?"))
+    if found:
+        raise UserError(f"{file_name}: " + "; ".join(found) + "; give the guide the model's latent site names")
     for w in caught:  # every other warning is the user's to see, as it would have been
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 

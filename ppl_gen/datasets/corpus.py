@@ -115,12 +115,18 @@ def read_texts(spec: str) -> tuple[list[str], str]:
     path, _, column = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     p = Path(path)
     if p.is_dir():
-        texts = []
+        texts, skipped = [], []
         for f in sorted(p.glob("*.txt")):
             try:
-                texts.append(f.read_text(errors="replace"))
-            except OSError:
-                continue
+                raw = f.read_bytes()
+                if b"\x00" in raw[:8192]:  # a binary file named .txt: its bytes are not words
+                    raise UnicodeDecodeError("utf-8", raw[:1], 0, 1, "NUL byte")
+                texts.append(raw.decode("utf-8"))
+            except (OSError, UnicodeDecodeError):
+                skipped.append(f.name)
+        if skipped:
+            print(f"warning: skipped {len(skipped)} file(s) in {p} that are not UTF-8 text: "
+                  f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
         if not texts:
             raise UserError(f"folder {p} has no readable .txt files; put one document per .txt file in it")
         return texts, p.name

@@ -122,6 +122,12 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 def _images_from_arrays(arrays: dict[str, Any], name: str, source: str) -> Dataset:
     x_train, x_test = arrays["x_train"], arrays["x_test"]
+    for split, x in (("x_train", x_train), ("x_test", x_test)):
+        if len(x) == 0:
+            raise UserError(f"{source}: {split} holds no images; give at least one in each of x_train and x_test")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            bad = int((~np.isfinite(x.reshape(len(x), -1))).any(1).sum())
+            raise UserError(f"{source}: {split} has {bad} image(s) with NaN or inf pixels; remove or repair them")
     if x_train.ndim < 2:
         raise UserError(f"{source}: images must have at least 2 dimensions, got shape {x_train.shape}")
     shape = list(x_train.shape[1:]) if x_train.ndim == 3 else None
