@@ -71,3 +71,19 @@ def readme_model(folder: Path) -> str:
     path = Path(folder) / "my_model.py"
     path.write_text(code)
     return str(path)
+
+
+@pytest.fixture
+def build_run():
+    """How a test sets a run up: the pipeline's own ``RunSetup.build`` (seed, data, checks, device,
+    fresh parameter store, seed, build), as every entry point does. ``build_run(path, guide=...,
+    options={...}, **settings)`` -> RunSetup; settings default to the CPU and one thread."""
+    from ppl_gen.core.pipeline import RunSetup
+    from ppl_gen.core.settings import RunConfig
+
+    def build(model_file, options=None, dataset=None, **settings):
+        settings.setdefault("device", "cpu")
+        settings.setdefault("threads", 1)
+        cfg = RunConfig(model_file=str(model_file), options=dict(options or {}), **settings)
+        return RunSetup.build(cfg, dataset=dataset)
+    return build

@@ -11,6 +11,8 @@ BENCHES = {
     "bayesnet": "Bayesian-network contraction against pgmpy",
     "backends": "one SVI step of every model file, Pyro against NumPyro",
     "threads": "the runner's default thread count against --threads 1, quiet and under contention",
+    "startup": "a 1-step run of the README's model file against import pyro",
+    "snapshot": "every model file's tiny default run, metrics compared with an earlier snapshot",
 }
 
 

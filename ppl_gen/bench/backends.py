@@ -50,21 +50,19 @@ def bench_case(name: str, steps: int = 100, rounds: int = 5, seed: int = 0) -> d
     import torch
 
     from ppl_gen.backends import numpyro_backend as nb
-    from ppl_gen.core.device import seed_everything
+    from ppl_gen.core.pipeline import RunSetup
     from ppl_gen.core.protocol import load_model_file
+    from ppl_gen.core.settings import RunConfig
     from ppl_gen.core.train import Trainer, make_elbo
 
     path, opts, data_spec, batch = CASES[name]
     mf = load_model_file(ROOT / path)
-    options = mf.options(opts)
-    seed_everything(seed)
-    dataset = _random_784() if data_spec == "random-784" else mf.data(data_spec, options)
-    pyro.clear_param_store()
-    seed_everything(seed)
-    spec = mf.build(options, dataset)
-    guide_name = spec.default_guide
     elbo = mf.defaults.get("elbo", "trace")
-    runner = Trainer(spec.model, spec.guides[guide_name], dataset.train, make_elbo(elbo), lr=1e-3,
+    cfg = RunConfig(model_file=str(mf.path), data=None if data_spec == "random-784" else data_spec, seed=seed,
+                    batch_size=batch, elbo=elbo, device="cpu", threads=torch.get_num_threads(), options=dict(opts))
+    setup = RunSetup.build(cfg, mf, dataset=_random_784() if data_spec == "random-784" else None)
+    spec, dataset, options, guide_name = setup.spec, setup.dataset, setup.options, setup.guide_name
+    runner = Trainer(spec.model, setup.guide.fn, dataset.train, make_elbo(elbo), lr=1e-3,
                      batch_size=batch, seed=seed)
     runner.init_params()
     twin = nb.load_twin(mf, options, dataset)

@@ -20,7 +20,9 @@ from ppl_gen.core.errors import UserError
 
 
 def main(argv=None) -> int:
+    from ppl_gen.core.pipeline import RunSetup
     from ppl_gen.core.protocol import load_model_file
+    from ppl_gen.core.settings import RunConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-order", type=int, default=5)
@@ -32,9 +34,9 @@ def main(argv=None) -> int:
         mf = load_model_file(Path(__file__).resolve().parents[2] / "models" / "markov_chain.py")
         rows = []
         for k in range(1, a.max_order + 1):
-            opts = mf.options({"order": k, "alpha": a.alpha})
-            ds = mf.data(a.data, opts)
-            chain = mf.build(opts, ds).model.__self__
+            setup = RunSetup.build(RunConfig(model_file=str(mf.path), data=a.data, device="cpu",
+                                             options={"order": k, "alpha": a.alpha}), mf)
+            ds, chain = setup.dataset, setup.spec.model.__self__
             post = chain.exact_posterior(ds.train)
             mean = post / post.sum(-1, keepdim=True)
             ll = chain.log_likelihood_per_symbol(ds.test, mean)

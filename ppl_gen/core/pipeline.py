@@ -105,7 +105,10 @@ class RunSetup:
     fingerprint: str
 
     @classmethod
-    def build(cls, cfg: RunConfig, mf: ModelFile | None = None, guide: str | None = None) -> "RunSetup":
+    def build(cls, cfg: RunConfig, mf: ModelFile | None = None, guide: str | None = None,
+              dataset: Dataset | None = None) -> "RunSetup":
+        """``guide``: set up this guide instead of cfg's; ``dataset``: use these data instead of
+        calling ``data()`` (a benchmark's synthetic data), checked and fingerprinted alike."""
         from ppl_gen.core.device import resolve_device, seed_everything
 
         quiet_libraries()
@@ -117,8 +120,9 @@ class RunSetup:
         with model_code(mf.path, "checking its Options"):
             options = mf.options(cfg.options)
         seed_everything(cfg.seed)
-        with model_code(mf.path, "in data()"):
-            dataset = mf.data(cfg.data, options)
+        if dataset is None:
+            with model_code(mf.path, "in data()"):
+                dataset = mf.data(cfg.data, options)
         check_data(dataset, mf.path.name)
         fingerprint = data_fingerprint(dataset)
         # the data move to the device once, or (--data-on-host) stay where they are, batch by batch

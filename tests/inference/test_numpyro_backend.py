@@ -8,7 +8,6 @@ network, of the Dirichlet-categorical chain; the Normal-Normal ELBO), and Pyro i
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,6 @@ from ppl_gen.core.train import Trainer, make_elbo  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
 CONJ = str(HERE / "conjugate_model.py")
-sys.path.insert(0, str(HERE))
 import conjugate_model as conj  # noqa: E402
 
 

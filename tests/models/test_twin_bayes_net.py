@@ -10,7 +10,6 @@ Trace_ELBO, whose gradient for a discrete guide is zero in expectation, is refus
 
 import itertools
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,6 @@ from ppl_gen.core.train import make_elbo  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "bayes_net.py"
 CSV = ROOT / "models" / "networks" / "lecture_500.csv"
-sys.path.insert(0, str(ROOT / "tests" / "inference"))
 import test_numpyro_backend as backend_tests  # noqa: E402  (pyro_elbo, set_pyro_params, _estimates, _metrics)
 
 EVIDENCE = "C=c0,D=d1"

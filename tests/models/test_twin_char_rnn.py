@@ -7,7 +7,6 @@ minibatch-scaled; and the same budget through the runner gives the same fit.
 """
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from ppl_gen.core.protocol import load_model_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "char_rnn.py"
-sys.path.insert(0, str(ROOT / "tests" / "inference"))
 import test_numpyro_backend as backend_tests  # noqa: E402  (pyro_elbo, _metrics)
 
 
