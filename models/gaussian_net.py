@@ -21,12 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
 import torch
 
 from ppl_gen import Dataset, Spec, UserError
+from ppl_gen.core.protocol import Guide
 from ppl_gen.exact.gaussian import condition, kl_gaussian, linear_gaussian_joint
 
 NODES = ["A", "B", "C", "D"]
@@ -127,18 +129,27 @@ class GaussianNet:
         values = torch.tensor([self.evidence[NODES[i]] for i in self.observed], dtype=torch.float64)
         return condition(mean, cov, self.observed, values)
 
-    def q(self, guide_name: str):
+    # -- each fitted guide's q(z) = N(m, S), read from Pyro's store ---------------------
+    def q_mean_field(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """m = (m_v), S = diag(s_v^2)."""
         store = pyro.get_param_store()
-        if guide_name == "full_rank":
-            L = store["scale_tril"].detach().double().cpu()
-            return store["loc"].detach().double().cpu(), L @ L.T
         loc = torch.stack([store[f"loc_{v}"].detach().double().cpu() for v in self.latents])
         scale = torch.stack([store[f"scale_{v}"].detach().double().cpu() for v in self.latents])
         return loc, torch.diag(scale ** 2)
 
+    def q_full_rank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """m and S = L L^T."""
+        store = pyro.get_param_store()
+        L = store["scale_tril"].detach().double().cpu()
+        return store["loc"].detach().double().cpu(), L @ L.T
+
+    def guides(self) -> dict[str, GaussianGuide]:
+        return {"mean_field": GaussianGuide(self.mean_field, q=self.q_mean_field),
+                "full_rank": GaussianGuide(self.full_rank, q=self.q_full_rank)}
+
     def evaluate(self, run) -> dict:
         mu, Sigma = self.exact()
-        m, S = self.q(run.guide_name)
+        m, S = run.guide.q()
         precision = torch.linalg.inv(Sigma)
         return {
             "latents": self.latents,
@@ -153,18 +164,26 @@ class GaussianNet:
         }
 
     def plots(self, run, out: Path) -> list[Path]:
-        return [plot_pairs(self, run.guide_name, out / "posterior_pairs.png")]
+        return [plot_pairs(self, run.guide.q(), run.guide_name, out / "posterior_pairs.png")]
 
 
-def plot_pairs(net: GaussianNet, guide_name: str, path: Path) -> Path:
-    """2-sigma ellipses of the exact posterior and of q for each pair of latents."""
+@dataclass
+class GaussianGuide(Guide):
+    """A guide of this file and the Gaussian it has fitted, ``q() -> (m, S)``: the mean and
+    covariance of q(z) over the latents, in their order, for comparison with the exact posterior."""
+
+    q: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def plot_pairs(net: GaussianNet, q: tuple[torch.Tensor, torch.Tensor], guide_name: str, path: Path) -> Path:
+    """2-sigma ellipses of the exact posterior and of q = (m, S) for each pair of latents."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     mu, Sigma = net.exact()
-    m, S = net.q(guide_name)
+    m, S = q
     pairs = [(i, j) for i in range(len(net.latents)) for j in range(i + 1, len(net.latents))]
     if not pairs:
         pairs = [(0, 0)]
@@ -196,7 +215,7 @@ def plot_pairs(net: GaussianNet, guide_name: str, path: Path) -> Path:
 
 def build(options: Options, dataset: Dataset) -> Spec:
     net = GaussianNet(options, dataset.train.device)
-    return Spec(model=net.model, guides={"mean_field": net.mean_field, "full_rank": net.full_rank},
+    return Spec(model=net.model, guides=net.guides(),
                 evaluate=net.evaluate, plots=net.plots, description=__doc__.split("\n")[0])
 
 

@@ -33,6 +33,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -40,6 +41,7 @@ import torch
 from pyro.distributions import constraints
 
 from ppl_gen import Dataset, Spec, UserError, data_plate
+from ppl_gen.core.protocol import Guide
 from ppl_gen.exact import hmm as exact
 
 EMISSIONS = ("categorical", "gaussian")
@@ -151,9 +153,10 @@ def data(spec: str | None = None, options: Options | None = None) -> Dataset:
             raise UserError(f"--data {spec} has {kind} emissions; add --emission {kind}")
         x, z = sample_hmm(truth, options.sequences, options.length)
         n_test = max(len(x) // 5, 1)
+        # NaN pads a Gaussian sequence to T_max (mask_of): missing steps, on purpose
         return Dataset(x[n_test:], x[:n_test], z[n_test:], z[:n_test], name=spec,
                        meta={"truth": truth, "emission": kind,
-                             "source": "sampled from the known HMM in models/hmm.py (seed 0)"})
+                             "source": "sampled from the known HMM in models/hmm.py (seed 0)"}, nan_is_missing=True)
     if spec == "nile":
         if emission != "gaussian":
             raise UserError("--data nile is real-valued river flow; add --emission gaussian")
@@ -173,7 +176,8 @@ def data(spec: str | None = None, options: Options | None = None) -> Dataset:
                         "nor an existing CSV file of sequences (one per row)")
     x = read_csv_sequences(path, emission)
     n_test = max(len(x) // 5, 1)
-    return Dataset(x[:-n_test], x[-n_test:], name=path.stem, meta={"emission": emission, "source": str(path)})
+    return Dataset(x[:-n_test], x[-n_test:], name=path.stem, meta={"emission": emission, "source": str(path)},
+                   nan_is_missing=True)
 
 
 # ---------------------------------------------------------------- the model
@@ -275,14 +279,18 @@ class HMM:
                 pyro.sample("sigma", dist.Delta(pyro.param("map_sigma", self._init("sigma", like),
                                                            constraint=pos)))
 
-    def point_estimate(self, guide_name: str) -> dict:
-        """Posterior means under the mean-field guide; the point itself under MAP."""
+    # -- each fitted guide's point estimate of (pi, A, theta) ------------------------------
+    def map_point(self) -> dict:
+        """Under MAP: the point itself."""
         p = lambda name: pyro.param(name).detach()  # noqa: E731
-        if guide_name == "map":
-            est = {"pi": p("map_pi"), "A": p("map_A")}
-            est.update({"B": p("map_B")} if self.emission == "categorical"
-                       else {"mu": p("map_mu"), "sigma": p("map_sigma")})
-            return est
+        est = {"pi": p("map_pi"), "A": p("map_A")}
+        est.update({"B": p("map_B")} if self.emission == "categorical"
+                   else {"mu": p("map_mu"), "sigma": p("map_sigma")})
+        return est
+
+    def posterior_mean(self) -> dict:
+        """Under the mean-field guide: the means of q(pi), q(A), q(theta)."""
+        p = lambda name: pyro.param(name).detach()  # noqa: E731
         norm = lambda c: c / c.sum(-1, keepdim=True)  # noqa: E731  E[Dir(c)] = c / sum(c)
         est = {"pi": norm(p("q_pi")), "A": norm(p("q_A"))}
         if self.emission == "categorical":
@@ -291,6 +299,10 @@ class HMM:
             est["mu"] = p("q_mu_loc")
             est["sigma"] = torch.exp(p("q_sigma_loc") + p("q_sigma_scale") ** 2 / 2)
         return est
+
+    def guides(self) -> dict[str, PointGuide]:
+        return {"meanfield": PointGuide(self.meanfield, point_estimate=self.posterior_mean),
+                "map": PointGuide(self.map, point_estimate=self.map_point)}
 
     # -- exact inference given parameters -------------------------------------------
     def _args(self, x: torch.Tensor, theta: dict):
@@ -308,7 +320,7 @@ class HMM:
     # -- metrics and plots -----------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, run) -> dict:
-        ds, est = run.dataset, self.point_estimate(run.guide_name)
+        ds, est = run.dataset, run.guide.point_estimate()
         out = {"states": self.K, "emission": self.emission}
         for split, x in (("train", ds.train), ("test", ds.test)):
             if x is not None:
@@ -339,7 +351,7 @@ class HMM:
 
         from ppl_gen.core import plotting  # noqa: F401  (sets the Agg backend)
 
-        ds, est = run.dataset, self.point_estimate(run.guide_name)
+        ds, est = run.dataset, run.guide.point_estimate()
         x = (ds.test if ds.test is not None and ds.name != "nile" else ds.train)[:1]
         path, gamma = self.decode(x, est)
         m = mask_of(x)[0]
@@ -398,9 +410,17 @@ class HMM:
         return [out / "decoded.png", out / "transitions.png"]
 
 
+@dataclass
+class PointGuide(Guide):
+    """A guide of this file and the one (pi, A, theta) it stands for, ``point_estimate() -> dict``
+    (keys pi, A and B or mu, sigma): what the forward algorithm, Viterbi and the plots run with."""
+
+    point_estimate: Callable[[], dict] | None = None
+
+
 def build(options: Options, dataset: Dataset) -> Spec:
     hmm = HMM(options, dataset)
-    return Spec(model=hmm.model, guides={"meanfield": hmm.meanfield, "map": hmm.map},
+    return Spec(model=hmm.model, guides=hmm.guides(),
                 evaluate=hmm.evaluate, plots=hmm.plots, description=__doc__.split("\n")[0],
                 # posterior.nc: A[states, next_state], B[states, symbol]; pi is over the states too
                 posterior_dims={"pi": ("states",), "A": ("states", "next_state"), "B": ("states", "symbol")})

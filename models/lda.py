@@ -48,6 +48,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -57,6 +58,7 @@ from pyro.ops.indexing import Vindex
 from torch import nn
 
 from ppl_gen import Dataset, Metric, Spec, UserError, data_plate
+from ppl_gen.core.protocol import Guide
 from ppl_gen.datasets import corpus as corpora
 from ppl_gen.exact import lda
 
@@ -294,54 +296,67 @@ class LDA:
 
     # -- each scheme's own inference of theta for new documents -------------------------
     @torch.no_grad()
-    def infer_gamma(self, guide_name: str, x: torch.Tensor) -> torch.Tensor:
-        """gamma of new documents x by the scheme's own inference, CHUNK documents at a time
-        (each document's inference is its own; only memory is shared). On the device."""
+    def _by_chunks(self, infer: Callable, x: torch.Tensor) -> torch.Tensor:
+        """infer(chunk, lambda) -> gamma, CHUNK documents at a time (each document's inference is
+        its own; only memory is shared). On the device."""
         lam = pyro.param("lambda").detach()
+        return torch.cat([infer(chunk, lam) for chunk in self._chunks(x)])
 
-        def infer(chunk):
-            if guide_name == "amortized":
-                return self.encoder.eval()(chunk)
-            if guide_name == "explicit" and self.options.local_update == "adam":
-                return lda.fit_gamma(chunk, lam, self.alpha, self.options.local_steps, self.options.local_lr)
-            return lda.e_step(chunk, lam, self.alpha, iters=self.options.cavi_iters)[0]
-        return torch.cat([infer(chunk) for chunk in self._chunks(x)])
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """gamma_m = encoder(x_m), with BatchNorm's running statistics (amortized)."""
+        return self._by_chunks(lambda chunk, lam: self.encoder.eval()(chunk), x)
 
-    @torch.no_grad()
-    def train_gamma(self, guide_name: str, x: torch.Tensor) -> torch.Tensor:
-        """gamma of the training documents as the fitted guide has them."""
-        if guide_name == "amortized" or (guide_name == "explicit" and self.options.local_update == "estep"):
-            return self.infer_gamma(guide_name, x)
-        return pyro.param("gamma").detach()
+    def e_step(self, x: torch.Tensor) -> torch.Tensor:
+        """gamma_m at its optimum given the topics, by coordinate ascent (explicit, CAVI)."""
+        iters = self.options.cavi_iters
+        return self._by_chunks(lambda chunk, lam: lda.e_step(chunk, lam, self.alpha, iters=iters)[0], x)
 
-    def heldout_guide(self, guide_name: str, x: torch.Tensor):
-        if guide_name == "amortized" or (guide_name == "explicit" and self.options.local_update == "estep"):
-            return getattr(self, guide_name)
-        return partial(self.fixed, self.infer_gamma(guide_name, x))
+    def fit_gamma(self, x: torch.Tensor) -> torch.Tensor:
+        """gamma_m by ``local_steps`` Adam steps with the topics fixed (explicit, --local-update adam)."""
+        o = self.options
+        fit = lambda chunk, lam: lda.fit_gamma(chunk, lam, self.alpha, o.local_steps, o.local_lr)  # noqa: E731
+        return self._by_chunks(fit, x)
+
+    def guides(self) -> dict[str, LDAGuide]:
+        """The three schemes, each with its own inference of gamma for new documents. A guide
+        whose gamma_m are free rows in Pyro's store (one per training document, row-wise Adam at
+        --local-lr) cannot score a new document with them: its held-out form takes the gamma that
+        the scheme's own inference gives the new documents (:meth:`fixed`)."""
+        o = self.options
+        rows = dict(local_params=("gamma",), local_lr=o.local_lr)
+        if o.local_update == "adam":
+            explicit = LDAGuide(self.explicit, infer=self.fit_gamma, **rows,
+                                heldout=lambda x: partial(self.fixed, self.fit_gamma(x)))
+        else:  # gamma_m is recomputed from (x_m, lambda) at each visit: new documents are no different
+            explicit = LDAGuide(self.explicit, infer=self.e_step)
+        return {"explicit": explicit,
+                "amortized": LDAGuide(self.amortized, infer=self.encode, encoder=self.encoder),
+                "cavi": LDAGuide(self.free, infer=self.e_step, update=self.cavi_update, **rows,
+                                 heldout=lambda x: partial(self.fixed, self.e_step(x)))}
 
     # -- evaluation ----------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, run) -> dict:
-        name, ds = run.guide_name, run.dataset
+        guide, ds = run.guide, run.dataset
         lam = pyro.param("lambda").detach()
         train = ds.train
-        gamma = self.train_gamma(name, train)
+        gamma = guide.train_gamma(train)
         # the mean-field ELBO (lda.elbo), its document terms summed chunk by chunk
         words = sum(lda.local_elbo(chunk, gamma[i * CHUNK:(i + 1) * CHUNK], lam, self.alpha).sum()
                     for i, chunk in enumerate(self._chunks(train)))
         out = {"train_elbo_per_token": (words - lda.kl_topics(lam, self.eta)).item() / train.sum().item(),
                "npmi": lda.npmi(lam.to(train.device), train).mean().item(),   # where the counts are
-               "local_parameters_per_document": 0 if name == "amortized" else self.K,
+               "local_parameters_per_document": 0 if guide.encoder is not None else self.K,
                # lambda, plus gamma (K per training document; under --local-update estep recomputed
                # at each visit, not stored) or the encoder's weights, which do not grow with D
-               "variational_parameters": self.K * self.V + (sum(p.numel() for p in self.encoder.parameters())
-                                                            if name == "amortized" else self.K * train.shape[0])}
+               "variational_parameters": self.K * self.V + (sum(p.numel() for p in guide.encoder.parameters())
+                                                            if guide.encoder is not None else self.K * train.shape[0])}
         if ds.test is not None:
-            out.update(lda.document_completion(lambda h: self.infer_gamma(name, h), lam, ds.test))
+            out.update(lda.document_completion(guide.infer, lam, ds.test))
             reps = -(-self.options.infer_docs // len(ds.test))
             new = ds.test.repeat(reps, 1)[: self.options.infer_docs]
             start = time.perf_counter()
-            self.infer_gamma(name, new)
+            guide.infer(new)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             out["infer_seconds_1000"] = (time.perf_counter() - start) * 1000 / len(new)
@@ -356,6 +371,22 @@ class LDA:
         return [lda.top_words_figure(lam, vocab, out / "topics.png",
                                  f"top words of each topic (E[beta_k] = lambda_k / sum lambda_k), {run.guide_name}",
                                  coherence=lda.npmi(lam.to(run.dataset.train.device), run.dataset.train).cpu())]
+
+
+@dataclass
+class LDAGuide(Guide):
+    """A guide of this file with its scheme's own inference of gamma for new documents,
+    ``infer(x) -> gamma`` (the E-step, an Adam fit, or the encoder), and the ``encoder`` that
+    replaces per-document parameters in an amortized guide (None in the others)."""
+
+    infer: Callable[[torch.Tensor], torch.Tensor] | None = None
+    encoder: nn.Module | None = None
+
+    @torch.no_grad()
+    def train_gamma(self, x: torch.Tensor) -> torch.Tensor:
+        """gamma of the training documents as the fitted guide has them: its rows in Pyro's
+        store where it keeps them (``local_params``), else its inference applied to x."""
+        return pyro.param("gamma").detach() if "gamma" in self.local_params else self.infer(x)
 
 
 class _Both:
@@ -387,9 +418,7 @@ def build(options: Options, dataset: Dataset, elbo: str | None = None) -> Spec:
     model.doc_lengths = x.sum(-1).cpu()
     model.corpus = _CORPORA.get(dataset.meta.get("corpus", ""))
     return Spec(model=model.model,
-                guides={"explicit": model.explicit, "amortized": model.amortized, "cavi": model.free},
-                updates={"cavi": model.cavi_update}, evaluate=model.evaluate, plots=model.plots,
-                local_params=("gamma",), local_lr=o.local_lr, heldout_guide=model.heldout_guide,
+                guides=model.guides(), evaluate=model.evaluate, plots=model.plots,
                 param_lr={"lambda": o.topic_lr} if o.topic_lr > 0 else {}, buffers={"encoder": model.encoder},
                 streams=True, metrics=METRICS,
                 description=__doc__.split("\n")[0])

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
 import torch
 
 from ppl_gen import Dataset, Spec, UserError, data_plate
+from ppl_gen.core.protocol import Guide
 
 
 @dataclass
@@ -80,6 +82,18 @@ class NormalMean:
         m = pyro.param("map_m", lambda: x.new_tensor(self.o.prior_mean))
         pyro.sample("mu", dist.Delta(m))
 
+    # -- each fitted guide's (m, s), read from Pyro's store ---------------------------------
+    def q_normal(self) -> tuple[float, float]:
+        """q(mu) = N(m, s^2): mean m, standard deviation s."""
+        return pyro.param("m").item(), pyro.param("s").item()
+
+    def q_map(self) -> tuple[float, float]:
+        """A point mass: mean m, no spread."""
+        return pyro.param("map_m").item(), 0.0
+
+    def guides(self) -> dict[str, NormalGuide]:
+        return {"normal": NormalGuide(self.normal, q=self.q_normal), "map": NormalGuide(self.map, q=self.q_map)}
+
     def posterior(self, x: torch.Tensor) -> tuple[float, float]:
         """(mu_N, tau_N) in closed form."""
         o = self.o
@@ -97,19 +111,23 @@ class NormalMean:
     def evaluate(self, run) -> dict:
         x = run.dataset.train
         mean, sd = self.posterior(x)
-        store = pyro.get_param_store()
-        if run.guide_name == "map":
-            m, s = store["map_m"].item(), 0.0
-        else:
-            m, s = store["m"].item(), store["s"].item()
+        m, s = run.guide.q()
         return {"posterior_mean": mean, "posterior_sd": sd, "vi_mean": m, "vi_sd": s,
                 "abs_error_mean": abs(m - mean), "sd_ratio_vi_to_exact": s / sd,
                 "log_evidence_per_point": self.log_evidence(x) / len(x)}
 
 
+@dataclass
+class NormalGuide(Guide):
+    """A guide of this file and the q(mu) it has fitted, ``q() -> (m, s)``: its mean and standard
+    deviation, for comparison with the exact posterior N(mu_N, tau_N^2)."""
+
+    q: Callable[[], tuple[float, float]] | None = None
+
+
 def build(options: Options, dataset: Dataset) -> Spec:
     nm = NormalMean(options)
-    return Spec(model=nm.model, guides={"normal": nm.normal, "map": nm.map}, evaluate=nm.evaluate,
+    return Spec(model=nm.model, guides=nm.guides(), evaluate=nm.evaluate,
                 description=__doc__.split("\n")[0])
 
 

@@ -45,6 +45,7 @@ import math
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -54,6 +55,7 @@ from torch.distributions import kl_divergence
 
 from ppl_gen import Metric, Spec, UserError, data_plate
 from ppl_gen.core import plotting
+from ppl_gen.core.protocol import Guide
 from ppl_gen.datasets.images import load_images
 
 
@@ -223,23 +225,34 @@ class VAE:
                 optim.step()
         return mu.detach(), log_sigma.detach().exp()
 
+    # -- each guide's q(z | x) = N(mu, diag sigma^2) for new data x ------------------------
     @torch.no_grad()
-    def heldout_q(self, guide_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (mu, sigma) a guide gives new data x: the encoder, the refined encoder, or a
-        fresh explicit fit (``local_steps`` Adam steps from the prior)."""
-        if guide_name == "explicit":
-            return self.fit_gaussians(x, self.options.local_steps)
-        mu, sigma = self.encoder(x)
-        if guide_name == "semi-amortized":
-            mu, log_sigma = self.refine(x, mu, sigma.log())
-            sigma = log_sigma.exp()
-        return mu, sigma
+    def q_amortized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu_theta(x), sigma_theta(x)): the encoder's output."""
+        return self.encoder(x)
 
-    def heldout_guide(self, guide_name: str, x: torch.Tensor):
-        """For the runner's held-out ELBO: the explicit guide needs fresh local parameters."""
-        if guide_name != "explicit":
-            return {"amortized": self.amortized, "semi-amortized": self.semi_amortized}[guide_name]
-        return partial(fixed_gaussian_guide, *self.heldout_q(guide_name, x))
+    @torch.no_grad()
+    def q_semi_amortized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's output refined by K gradient steps on each point's ELBO."""
+        mu, sigma = self.encoder(x)
+        mu, log_sigma = self.refine(x, mu, sigma.log())
+        return mu, log_sigma.exp()
+
+    @torch.no_grad()
+    def q_explicit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fresh (mu_n, sigma_n) for each new x (``local_steps`` Adam steps from the prior, decoder
+        frozen): the training rows belong to the training points and say nothing about new ones."""
+        return self.fit_gaussians(x, self.options.local_steps)
+
+    def guides(self) -> dict[str, GaussianGuide]:
+        """The three guides, each with its q(z | x) for new data."""
+        return {"amortized": GaussianGuide(self.amortized, q=self.q_amortized),
+                # (mu_n, sigma_n) rows, one per training example, each moved only when its point is
+                # in the batch; the held-out ELBO scores a fresh fit of them to the new points
+                "explicit": GaussianGuide(self.explicit, local_params=("q_mu", "q_sigma"),
+                                          local_lr=self.options.local_lr, q=self.q_explicit,
+                                          heldout=lambda x: partial(fixed_gaussian_guide, *self.q_explicit(x))),
+                "semi-amortized": GaussianGuide(self.semi_amortized, q=self.q_semi_amortized)}
 
     # -- evaluation ------------------------------------------------------------------
     @torch.no_grad()
@@ -267,27 +280,27 @@ class VAE:
             return {}
         metrics = {}
         xl = x[: self.options.ll_points]
-        loc, scale = self.heldout_q(run.guide_name, xl)
+        loc, scale = run.guide.q(xl)
         ll = self.log_likelihood(xl, loc, scale, self.options.ll_samples)
         metrics.update({"test_log_likelihood": ll.mean().item(),
                         "log_likelihood_samples": self.options.ll_samples,
                         "log_likelihood_points": len(xl),
                         "log_likelihood_proposal": f"the {run.guide_name} guide's q(z|x)"})
         if self.options.gap_points:
-            metrics.update(self.gaps(x[: self.options.gap_points], run.guide_name))
+            xg = x[: self.options.gap_points]
+            metrics.update(self.gaps(xg, run.guide.q(xg)))
         return metrics
 
     @torch.no_grad()
-    def gaps(self, x: torch.Tensor, guide_name: str, elbo_samples: int = 100) -> dict:
+    def gaps(self, x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor], elbo_samples: int = 100) -> dict:
         """Cremer, Li & Duvenaud (2018): log p(x) - ELBO(q) = approximation gap + amortization gap,
 
             approximation gap = log p(x) - ELBO(q*)     (the Gaussian family's limit)
             amortization gap  = ELBO(q*) - ELBO(q)      (the guide's shortfall against q*)
 
-        on the same points and decoder. q* starts from the guide's q and is refined for
-        ``qstar_steps`` Adam steps, so it is at least as good; log p(x) is importance-
-        sampled with q* as proposal (K = ``ll_samples``). Per data point, nats."""
-        q = self.heldout_q(guide_name, x)
+        on the same points and decoder, for the guide's q = (mu, sigma) of each x. q* starts
+        from q and is refined for ``qstar_steps`` Adam steps, so it is at least as good; log p(x)
+        is importance-sampled with q* as proposal (K = ``ll_samples``). Per data point, nats."""
         q_star = self.fit_gaussians(x, self.options.qstar_steps, init=q)
         elbo_q = self.local_elbo(x, q[0], q[1].log(), elbo_samples).mean().item()
         elbo_q_star = self.local_elbo(x, q_star[0], q_star[1].log(), elbo_samples).mean().item()
@@ -325,7 +338,7 @@ class VAE:
         x = ds.test if ds.test is not None else ds.train
         labels = ds.labels_test if ds.test is not None else ds.labels_train
         paths = []
-        mu, _ = self.heldout_q(run.guide_name, x[:10])
+        mu, _ = run.guide.q(x[:10])
         recon = torch.sigmoid(self.decoder(mu))
         paths.append(plotting.image_grid(torch.cat([x[:10], recon]), shape, out / "reconstructions.png",
                                          "held-out images (top) and their reconstructions (bottom)",
@@ -333,7 +346,7 @@ class VAE:
         z = self.prior(x).sample((64,))
         paths.append(plotting.image_grid(torch.sigmoid(self.decoder(z)), shape, out / "samples.png",
                                          "samples from the prior: Bernoulli means of p(x|z), z ~ N(0, I)"))
-        mu, _ = self.heldout_q(run.guide_name, x[:500])
+        mu, _ = run.guide.q(x[:500])
         labels = None if labels is None else labels[:500]
         if self.z_dim == 2:
             points, xl, yl, how = mu, "z1", "z2", ""
@@ -354,15 +367,16 @@ class VAE:
             # four held-out points of different classes where labels are known
             pick = list(range(4)) if labels is None else [
                 int((labels == c).nonzero()[0]) for c in labels.unique()[:4]]
-            paths.append(self.plot_posteriors(x[pick], run.guide_name, out / "posterior_grid.png"))
+            paths.append(self.plot_posteriors(x[pick], run.guide.q(x[pick]), run.guide_name,
+                                              out / "posterior_grid.png"))
         return paths
 
     @torch.no_grad()
-    def plot_posteriors(self, x: torch.Tensor, guide_name: str, path: Path) -> Path:
-        """For a few held-out x: the true p(z|x) on a grid, the guide's q and q* (the best
-        Gaussian for that x) drawn over it. The distance from p to q* is the approximation
+    def plot_posteriors(self, x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor], guide_name: str,
+                        path: Path) -> Path:
+        """For a few held-out x: the true p(z|x) on a grid, the guide's q = (mu, sigma) and q* (the
+        best Gaussian for that x) drawn over it. The distance from p to q* is the approximation
         gap; from q* to the guide's q, the amortization gap."""
-        q = self.heldout_q(guide_name, x)
         q_star = self.fit_gaussians(x, self.options.qstar_steps, init=q)
         panels = []
         for i in range(len(x)):
@@ -375,6 +389,15 @@ class VAE:
         return plotting.posterior_panels(panels, path, "true posterior p(z|x) (filled) against Gaussian q's")
 
 
+@dataclass
+class GaussianGuide(Guide):
+    """A guide of this file and the Gaussian q(z | x) = N(mu, diag sigma^2) it gives new data,
+    ``q(x) -> (mu, sigma)``: the proposal of the log-likelihood, the q of the gap decomposition,
+    the means the plots show."""
+
+    q: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
 def fixed_gaussian_guide(mu: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor,
                          idx: torch.Tensor | None = None, size: int | None = None):
     """A guide with given (mu_n, sigma_n) per data point: explicit q on held-out data."""
@@ -385,11 +408,8 @@ def fixed_gaussian_guide(mu: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor,
 
 def build(options: Options, dataset) -> Spec:
     vae = VAE(dataset.train.shape[-1], options, dataset.train.device)
-    return Spec(model=vae.model,
-                guides={"amortized": vae.amortized, "explicit": vae.explicit, "semi-amortized": vae.semi_amortized},
-                evaluate=vae.evaluate, plots=vae.plots, description=__doc__.split("\n")[0],
-                local_params=("q_mu", "q_sigma"), local_lr=options.local_lr, heldout_guide=vae.heldout_guide,
-                metrics=METRICS, report=gap_report)
+    return Spec(model=vae.model, guides=vae.guides(), evaluate=vae.evaluate, plots=vae.plots,
+                description=__doc__.split("\n")[0], metrics=METRICS, report=gap_report)
 
 
 # the numbers inference.compare shows for this file, beside the runner's own

@@ -95,7 +95,7 @@ CLOSED_FORM = "fitted by closed-form updates, which run on Pyro only"
 def unsupported(spec, twin, name: str) -> str | None:
     """Why guide ``name`` cannot run on NumPyro, or None when it can: the one rule that
     ``run`` (one guide) and ``inference.compare`` (all of them, before training) apply."""
-    if name in spec.updates:
+    if spec.resolve(name).update is not None:
         return CLOSED_FORM
     if name in twin.refused:
         return twin.refused[name]

@@ -67,13 +67,13 @@ def test_full_rank_recovers_the_posterior_and_mean_field_shrinks_variances(mf):
     net = spec.evaluate.__self__
     mu, Sigma = net.exact()
     fit(spec, ds.train, "full_rank")
-    m, S = net.q("full_rank")
+    m, S = spec.guides["full_rank"].q()
     assert m.tolist() == pytest.approx(mu.tolist(), abs=0.05)
     assert S.flatten().tolist() == pytest.approx(Sigma.flatten().tolist(), abs=0.05)
 
     pyro.clear_param_store()
     fit(spec, ds.train, "mean_field")
-    m, S = net.q("mean_field")
+    m, S = spec.guides["mean_field"].q()
     assert m.tolist() == pytest.approx(mu.tolist(), abs=0.05)  # mean field matches the means
     optimum = 1 / torch.diagonal(torch.linalg.inv(Sigma))     # s_v^2 = 1 / Lambda_vv
     assert torch.diagonal(S).tolist() == pytest.approx(optimum.tolist(), abs=0.03)

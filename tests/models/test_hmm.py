@@ -132,7 +132,7 @@ def test_casino_parameters_are_recovered():
     trainer = Trainer(spec.model, spec.guides["map"], ds.train, make_elbo("trace"), lr=0.05)
     for t in range(1, 301):
         trainer.step(t)
-    metrics = spec.evaluate(type("Run", (), {"dataset": ds, "guide_name": "map"})())
+    metrics = spec.evaluate(type("Run", (), {"dataset": ds, "guide_name": "map", "guide": spec.guides["map"]})())
     assert metrics["recovery_max_abs_error_A"] < 0.06
     assert metrics["recovery_max_abs_error_B"] < 0.06
     assert metrics["viterbi_accuracy"] > 0.75

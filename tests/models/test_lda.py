@@ -117,7 +117,7 @@ def test_cavi_fixed_point_matches_long_svi_run_of_explicit(local_update):
     _, opts, ds, spec = _lda({"topics": 2, "alpha": 0.5, "eta": 0.3, "local_lr": 0.05,
                               "local_update": local_update}, x)
     trainer = Trainer(spec.model, spec.guides["explicit"], x, make_elbo("enum"), lr=0.05,
-                      local_params=spec.local_params, local_lr=0.05)
+                      local_params=spec.resolve("explicit").local_params, local_lr=0.05)
     for t in range(1, 801):
         trainer.step(t)
     lam_s = pyro.param("lambda").detach().double()

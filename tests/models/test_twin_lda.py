@@ -65,7 +65,7 @@ def fitted(local_update: str, steps: int = 30):
     torch.manual_seed(0)
     spec = mf.build(options, ds, "enum")
     tr = Trainer(spec.model, spec.guides["explicit"], ds.train, make_elbo("enum"), lr=0.05,
-                 local_params=spec.local_params, local_lr=options.local_lr)
+                 local_params=spec.resolve("explicit").local_params, local_lr=options.local_lr)
     for t in range(1, steps + 1):
         tr.step(t)
     params = nb.pyro_params()

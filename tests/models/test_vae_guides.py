@@ -36,7 +36,7 @@ def test_gap_ordering_on_the_same_decoder(trained):
     """log p_hat(x) >= ELBO(q*) >= ELBO(q_amortized), per data point, on the same points.
     Tolerance 0.02 nats: the Monte Carlo error of 100-sample ELBOs averaged over 100 points."""
     vae, x = trained
-    g = vae.gaps(x, "amortized")
+    g = vae.gaps(x, vae.q_amortized(x))
     assert g["gap_log_px"] >= g["gap_elbo_q_star"] - 0.02, g
     assert g["gap_elbo_q_star"] >= g["gap_elbo_q"] - 0.02, g
     assert g["approximation_gap"] + g["amortization_gap"] == pytest.approx(g["gap_log_px"] - g["gap_elbo_q"], abs=1e-9)
@@ -58,7 +58,7 @@ def test_grid_posterior_integrates_to_one_and_matches_importance_sampling(traine
     agreement within 0.03 nats per point (the grid's error plus IS noise)."""
     vae, x = trained
     x = x[:3]
-    q_star = vae.fit_gaussians(x, 400, init=vae.heldout_q("amortized", x))
+    q_star = vae.fit_gaussians(x, 400, init=vae.q_amortized(x))
     log_px_is = vae.log_likelihood(x, *q_star, K=20_000)
     for i in range(len(x)):
         half_width = 5.0 * q_star[1][i].max().item()
