@@ -30,6 +30,7 @@ import hashlib
 import logging
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -262,8 +263,9 @@ def heldout_evaluator(setup: RunSetup, before: Callable | None = None) -> Callab
 
 
 def per_step_seconds(trace: list[dict], session_starts: list[int]) -> tuple[float | None, float | None]:
-    """(mean seconds per step, seconds of the first step): the first step of every session
-    (creating parameters, Pyro's checks, compilation) is one-off start-up, left out of the mean."""
+    """(seconds per step, seconds of the first step): the median step time, robust to the pauses a
+    shared machine puts into a few steps; the first step of every session (creating parameters,
+    Pyro's checks, compilation) is one-off start-up, reported on its own."""
     seconds = [(int(r["step"]), float(r["seconds"])) for r in trace if r.get("seconds") not in (None, "")]
     if not seconds:
         return None, None
@@ -276,7 +278,7 @@ def per_step_seconds(trace: list[dict], session_starts: list[int]) -> tuple[floa
             startup = d if startup is None else startup
         else:
             steady.append(d)
-    return (sum(steady) / len(steady) if steady else None), startup
+    return (statistics.median(steady) if steady else None), startup
 
 
 # ---------------------------------------------------------------- the run
