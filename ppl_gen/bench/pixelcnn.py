@@ -16,7 +16,8 @@ of random binary images, in the same process:
 
 Methods are timed in interleaved rounds and each reports its median round; the ratio to the
 hand-written step is what to read (target: 1.05 or less). Images per second are batch size /
-seconds per step; ``--image-size 28`` gives Fashion-MNIST's shape.
+seconds per step; ``--image-size 28`` gives Fashion-MNIST's shape; ``--kernel-size`` is the side
+of every masked kernel (mask A and mask B alike).
 
 A second table times sampling ``--samples`` images at once from each explicit-density image
 model at its model file's default size (the PixelCNN at the sizes above): the VAE (one
@@ -47,8 +48,8 @@ def bench_pixelcnn(batch_size=128, image_size=8, layers=5, channels=16, kernel_s
     dev = resolve_device(device)
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
-    pcnn = PixelCNNModel(image_size, image_size, Options(layers=layers, channels=channels,
-                                                         kernel_size=kernel_size), dev)
+    opts = Options(layers=layers, channels=channels, kernel_size=kernel_size, first_kernel_size=kernel_size)
+    pcnn = PixelCNNModel(image_size, image_size, opts, dev)
     # random binary images: a step's cost does not depend on what the pixels show
     x = torch.bernoulli(torch.full((batch_size, image_size * image_size), 0.3, device=dev))
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -102,8 +103,8 @@ def bench_sampling(n=64, image_size=8, layers=5, channels=16, kernel_size=5, rou
     pyro.set_rng_seed(seed)
     side = image_size
     v = vae.VAE(side * side, vae.Options(), dev)
-    p = pixelcnn.PixelCNNModel(side, side, pixelcnn.Options(layers=layers, channels=channels,
-                                                            kernel_size=kernel_size), dev)
+    p = pixelcnn.PixelCNNModel(side, side, pixelcnn.Options(layers=layers, channels=channels, kernel_size=kernel_size,
+                                                            first_kernel_size=kernel_size), dev)
     q = vqvae.VQVAE(side, side, vqvae.Options(), dev)
     like = torch.zeros(1, side * side, device=dev)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
