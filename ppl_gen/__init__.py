@@ -7,9 +7,9 @@ evaluator, the run folder, plots. Entry points live in ``inference/``.
 from ppl_gen.core.dataset import Dataset
 from ppl_gen.datasets.images import load_images
 from ppl_gen.core.errors import UserError
-from ppl_gen.core.protocol import Metric, Spec, data_plate
+from ppl_gen.core.protocol import Guide, Metric, Spec, data_plate
 
-__all__ = ["Dataset", "Metric", "Spec", "UserError", "data_plate", "load_images"]
+__all__ = ["Dataset", "Guide", "Metric", "Spec", "UserError", "data_plate", "load_images"]
 __version__ = "0.1.0"
 
 

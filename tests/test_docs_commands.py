@@ -18,7 +18,9 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # per-file budget flags on top of the tiny step count, where a file's evaluation is costly
 BUDGET = {"vae.py": ["--ll-samples", "5", "--ll-points", "20", "--gap-points", "10", "--qstar-steps", "5",
                      "--local-steps", "5", "--test-points", "30"],
-          "lda.py": ["--infer-docs", "20", "--local-steps", "20"]}
+          "lda.py": ["--infer-docs", "20", "--local-steps", "20"],
+          "vqvae.py": ["--prior-steps", "3", "--samples", "4"],
+          "pixelcnn.py": ["--samples", "4", "--completions", "1"]}
 ENTRY = {"inference.svi": svi_main, "inference.compare": compare_main}
 
 

@@ -9,6 +9,8 @@ BENCHES = {
     "hmm": "the HMM forward algorithm against hmmlearn",
     "markov": "order-k Markov chains and the char RNN on the same text",
     "bayesnet": "Bayesian-network contraction against pgmpy",
+    "pixelcnn": "a PixelCNN training step through the runner against a hand-written PyTorch step",
+    "diffusion": "a diffusion training step through the runner against a hand-written PyTorch step",
     "backends": "one SVI step of every model file, Pyro against NumPyro",
     "threads": "the runner's default thread count against --threads 1, quiet and under contention",
     "startup": "a 1-step run of the README's model file against import pyro",

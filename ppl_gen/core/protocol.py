@@ -86,17 +86,10 @@ class Spec:
     ``evaluate(run) -> dict`` adds model-specific metrics; ``plots(run, out_dir)``
     writes model-specific PNGs. ``run`` is the :class:`~ppl_gen.core.train.FittedRun`.
 
-    ``local_params`` names the per-data-point parameters (one row per training example,
-    as in an explicit guide): a minibatch step updates only its own rows of them, with
-    learning rate ``local_lr`` (default: ``--lr``): each row moves once per epoch only.
+    ``guides`` maps names to guide functions or :class:`Guide` objects; a guide with
+    per-data-point parameters, a held-out form or closed-form updates says so itself (Guide).
     ``param_lr[name] = rate`` gives a global parameter its own Adam rate (e.g. topics that
     must travel far in log space next to a network that needs a small rate).
-    ``heldout_guide(guide_name, x) -> guide`` returns the guide to score new data ``x``
-    with, for guides that cannot be applied to data they were not fitted on (an explicit
-    guide fits fresh local parameters there); by default the guide itself is used.
-    ``updates[guide_name] = update(x, idx, size, t) -> -ELBO`` fits that guide by closed-form
-    updates of its parameters in Pyro's store (coordinate ascent, CAVI) instead of gradient
-    steps; the runner still evaluates, checkpoints and times it like any other guide.
     ``posterior_dims[site] = ("dim", ...)`` (or ``{"dim": labels, ...}``) names the dimensions
     of a global latent in ``posterior.nc``; by default they come from the model's plates.
     """
@@ -107,8 +100,6 @@ class Spec:
     evaluate: Callable[[Any], dict] | None = None
     plots: Callable[[Any, Path], list] | None = None
     description: str = ""
-    local_params: tuple[str, ...] = ()
-    local_lr: float | None = None
     # global parameters that take their own Adam rate instead of --lr, by name
     param_lr: dict[str, float] = field(default_factory=dict)
     # torch modules whose buffers (BatchNorm running statistics) checkpoints must keep
@@ -116,8 +107,6 @@ class Spec:
     # the model's own evaluate/plots/heldout_guide accept data in host memory and copy chunks
     # to dataset.device themselves (--data-on-host)
     streams: bool = False
-    updates: dict[str, Callable] = field(default_factory=dict)
-    heldout_guide: Callable[[str, torch.Tensor], Callable] | None = None
     # names (or {name: labels}) for the dimensions of global latents in posterior.nc,
     # where the plates' names are not the ones wanted (see ppl_gen.core.posterior)
     posterior_dims: dict[str, Any] = field(default_factory=dict)
@@ -139,15 +128,9 @@ class Spec:
         return self.guides[name]
 
     def resolve(self, name: str | None) -> Guide:
-        """Guide ``name`` as a :class:`Guide`; the Spec-wide fields (``local_params``,
-        ``updates[name]``, ``heldout_guide``) fill in what a plain function cannot carry."""
-        name = name or self.default_guide
+        """Guide ``name`` as a :class:`Guide` (a plain function is a Guide with no extras)."""
         g = self.guide(name)
-        if isinstance(g, Guide):
-            return g
-        heldout = (lambda x: self.heldout_guide(name, x)) if self.heldout_guide else None
-        return Guide(fn=g, local_params=tuple(self.local_params), local_lr=self.local_lr,
-                     update=self.updates.get(name), heldout=heldout)
+        return g if isinstance(g, Guide) else Guide(fn=g)
 
 
 @dataclass
