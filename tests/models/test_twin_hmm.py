@@ -8,7 +8,6 @@ standard errors, reading metrics.json) are test_numpyro_backend.py's, and the br
 enumeration is test_hmm.py's: imported, not copied."""
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 FILE = ROOT / "models" / "hmm.py"
 
 
-sys.path[:0] = [str(ROOT / "tests" / "inference"), str(ROOT / "tests" / "models")]
 import test_hmm as hmm_tests  # noqa: E402
 import test_numpyro_backend as helpers  # noqa: E402
 pyro_elbo, _estimates, _metrics = helpers.pyro_elbo, helpers._estimates, helpers._metrics

@@ -16,7 +16,6 @@ Helpers (Pyro's ELBO at given values, Monte Carlo means with standard errors, me
 are test_numpyro_backend.py's, imported."""
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]
 FILE = ROOT / "models" / "lda.py"
 
 
-sys.path.insert(0, str(ROOT / "tests" / "inference"))
 import test_numpyro_backend as helpers  # noqa: E402
 pyro_elbo, _estimates, _metrics = helpers.pyro_elbo, helpers._estimates, helpers._metrics
 TINY = {"docs": 60, "vocab": 20, "topics": 3, "words": 30}      # 48 training documents, 1,440 tokens

@@ -6,7 +6,6 @@ Helpers (Pyro's ELBO at given values, setting Pyro's store, Monte Carlo means wi
 standard errors, reading metrics.json) are test_numpyro_backend.py's, imported."""
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from ppl_gen.core.protocol import load_model_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FILE = ROOT / "models" / "normal_mean.py"
-sys.path.insert(0, str(ROOT / "tests" / "inference"))
 import test_numpyro_backend as helpers  # noqa: E402
 pyro_elbo, set_pyro_params, _estimates, _metrics = (helpers.pyro_elbo, helpers.set_pyro_params,
                                                     helpers._estimates, helpers._metrics)
