@@ -390,7 +390,7 @@ class HMM:
         plt.close(fig)
 
         fig, axes = plt.subplots(1, 2 if ds.meta.get("truth") and len(ds.meta["truth"]["A"]) == self.K else 1,
-                                 figsize=(7, 3.2), squeeze=False)
+                                 figsize=(8, 3.6), squeeze=False, constrained_layout=True)
         mats = [("estimated A", est["A"].cpu())]
         if axes.shape[1] == 2:
             key = "B" if self.emission == "categorical" else "mu"
@@ -401,11 +401,14 @@ class HMM:
             im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
             for (i, j), v in zip(((i, j) for i in range(self.K) for j in range(self.K)), mat.flatten()):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+            # one tick per state (imshow's default ticks fall at -0.5, 0, 0.5, ...)
+            ax.set_xticks(range(self.K), [str(k) for k in range(self.K)])
+            ax.set_yticks(range(self.K), [str(k) for k in range(self.K)])
             ax.set_title(title, fontsize=9)
-            ax.set_xlabel("z_t")
-            ax.set_ylabel("z_{t-1}")
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-        fig.savefig(out / "transitions.png", dpi=100)
+            ax.set_xlabel("next state j")
+            ax.set_ylabel("previous state i")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="A[i, j] = p(next = j | previous = i)")
+        fig.savefig(out / "transitions.png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         return [out / "decoded.png", out / "transitions.png"]
 

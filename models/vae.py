@@ -356,6 +356,7 @@ class VAE:
             points, xl, yl, how = centred @ v[:2].T, "PC1", "PC2", " (first two principal components)"
         paths.append(plotting.scatter_2d(points, None if labels is None else labels,
                                          out / "latent_space.png", f"encoder means of held-out data{how}", xl, yl))
+        paths.append(self.plot_interpolation(x, labels, run.guide.q, shape, out / "interpolation.png"))
         if self.z_dim == 2:
             # the manifold: decode a grid of z placed at Normal quantiles, as in Kingma & Welling's Fig. 4
             n = 15
@@ -367,13 +368,35 @@ class VAE:
             # four held-out points of different classes where labels are known
             pick = list(range(4)) if labels is None else [
                 int((labels == c).nonzero()[0]) for c in labels.unique()[:4]]
+            noun = "digit" if ds.name == "digits" else "class"
+            names = None if labels is None else [f"held-out {noun} {int(labels[i])}" for i in pick]
             paths.append(self.plot_posteriors(x[pick], run.guide.q(x[pick]), run.guide_name,
-                                              out / "posterior_grid.png"))
+                                              out / "posterior_grid.png", names, shape))
         return paths
 
     @torch.no_grad()
+    def plot_interpolation(self, x, labels, q, shape, path: Path, rows: int = 4, n: int = 10) -> Path:
+        """Walk in latent space: encode two held-out images (different classes where labels are
+        known), decode the encoder means on the straight line between them, z = (1 - t) mu_a + t mu_b.
+        Smooth changes along the line are what a dense latent space looks like (the lecture's
+        interpolation slide, after Radford et al. 2016)."""
+        if labels is not None and len(labels.unique()) >= 2:
+            firsts = [int((labels == c).nonzero()[0]) for c in labels.unique()]
+            pairs = [(firsts[i % len(firsts)], firsts[(i + 1) % len(firsts)]) for i in range(rows)]
+        else:
+            pairs = [(2 * i, 2 * i + 1) for i in range(min(rows, len(x) // 2))]
+        a, b = zip(*pairs)
+        mu_a, mu_b = q(x[list(a)])[0], q(x[list(b)])[0]
+        t = torch.linspace(0, 1, n, device=x.device)[None, :, None]
+        z = ((1 - t) * mu_a[:, None] + t * mu_b[:, None]).reshape(-1, mu_a.shape[-1])
+        names = None if labels is None else [f"{int(labels[i])} to {int(labels[j])}" for i, j in pairs]
+        return plotting.image_grid(torch.sigmoid(self.decoder(z)), shape, path,
+                                   "decoder means along z = (1-t) mu(x_a) + t mu(x_b), t = 0..1", nrow=len(pairs),
+                                   row_labels=names)
+
+    @torch.no_grad()
     def plot_posteriors(self, x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor], guide_name: str,
-                        path: Path) -> Path:
+                        path: Path, names: list[str] | None = None, shape=None) -> Path:
         """For a few held-out x: the true p(z|x) on a grid, the guide's q = (mu, sigma) and q* (the
         best Gaussian for that x) drawn over it. The distance from p to q* is the approximation
         gap; from q* to the guide's q, the amortization gap."""
@@ -385,7 +408,9 @@ class VAE:
             z1, z2, density, log_norm = self.grid_posterior(x[i], q_star[0][i], half_width)
             panels.append({"z1": z1, "z2": z2, "density": density, "log_px": log_norm,
                            "gaussians": {f"{guide_name} q": (q[0][i], q[1][i]),
-                                         "q* (best Gaussian)": (q_star[0][i], q_star[1][i])}})
+                                         "q* (best Gaussian)": (q_star[0][i], q_star[1][i])},
+                           "label": names[i] if names else None,
+                           "image": x[i] if shape else None, "shape": shape})
         return plotting.posterior_panels(panels, path, "true posterior p(z|x) (filled) against Gaussian q's")
 
 

@@ -166,24 +166,35 @@ def compare_bars(rows: list[dict], metrics: list, path: Path) -> Path | None:
 
 def posterior_panels(panels: list[dict], path: Path, title: str = "") -> Path:
     """Each panel: a density on a grid (filled contours) and Gaussians drawn as 1- and 2-sd
-    ellipses (axis-aligned: diagonal covariance)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.9), squeeze=False)
+    ellipses (axis-aligned: diagonal covariance). Optional per panel: ``label`` (which data
+    point, e.g. its class) for the title and ``image`` (the data point, flat, with ``shape``)
+    shown as an inset, so a reader sees which x each posterior belongs to."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.3), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         z1, z2 = panel["z1"].cpu().numpy(), panel["z2"].cpu().numpy()
         ax.contourf(z1, z2, panel["density"].cpu().numpy(), levels=12, cmap="Greys")
+        if panel.get("image") is not None:
+            inset = ax.inset_axes([0.74, 0.74, 0.24, 0.24])
+            inset.imshow(panel["image"].detach().float().cpu().reshape(panel["shape"]).numpy(), cmap="gray_r",
+                         vmin=0, vmax=1, interpolation="nearest")
+            inset.set_xticks([])
+            inset.set_yticks([])
         for k, (label, (mu, sigma)) in enumerate(panel["gaussians"].items()):
             mu, sigma = mu.cpu().numpy(), sigma.cpu().numpy()
             t = np.linspace(0, 2 * np.pi, 200)
             for r, style in ((1, "-"), (2, ":")):
                 ax.plot(mu[0] + r * sigma[0] * np.cos(t), mu[1] + r * sigma[1] * np.sin(t), style,
                         color=f"C{k + 1}", lw=1.6, label=label if r == 1 else None)
-        ax.set_title(f"log p(x) = {panel['log_px']:.2f}", fontsize=9)
+        head = f"{panel['label']}: " if panel.get("label") else ""
+        ax.set_title(f"{head}log p(x) = {panel['log_px']:.2f}", fontsize=9)
         ax.set_xlabel("z1")
         ax.set_aspect("equal")
     axes[0, 0].set_ylabel("z2")
     axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.text(0.5, 0.01, "grey: p(z | x) on a grid (darker = more mass); lines: q's 1-sd (solid) and 2-sd (dotted) "
+             "ellipses", ha="center", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
