@@ -230,6 +230,7 @@ class Inference:
         named = lambda p, v: {s: float(p[i]) for i, s in enumerate(net.states[v])}  # noqa: E731
         elbo = bn.mean_field_elbo(net, ev, q, self.floor)
         kl, how = bn.kl_to_posterior(net, ev, q, self.floor)
+        entropy = float(sum(-(qv * qv.clamp_min(1e-300).log()).sum() for qv in q.values()))
         out = {
             "network": net.name,
             "evidence": {v: net.states[v][s] for v, s in ev.items()},
@@ -237,6 +238,9 @@ class Inference:
                           "vi": {v: named(q[v], v) for v in self.query}},
             "log_evidence": self.exact.log_evidence,
             "elbo_final": elbo,
+            # the ELBO read as the lecture reads it: E_q[log P(z, e)] + H[q] (mean field: H sums over v)
+            "elbo_expected_log_joint": elbo - entropy,
+            "elbo_entropy_q": entropy,
             "kl_vi_to_exact": kl,
             "kl_method": how,
             "max_abs_marginal_error": max(float((q[v] - self.exact.marginals[v]).abs().max())

@@ -144,6 +144,14 @@ def test_mean_field_vi_lecture(mf):
     assert exact_elbo <= log_z
     assert kl == pytest.approx(log_z - exact_elbo, abs=1e-5)  # log P(e) = ELBO + KL
     assert kl > 1e-3  # A and B are dependent given C: mean field cannot be exact
+    # the lecture's reading, ELBO = E_q[log P(z, e)] + H[q], against a brute-force sum over the
+    # latent joint table P(z, e) (A, B: four states)
+    table, latents = bn.latent_joint(net, ev)
+    qz = torch.einsum("a,b->ab", *(q[v] for v in latents))
+    m = inf.evaluate(None)
+    assert m["elbo_expected_log_joint"] == pytest.approx(float((qz * table.log()).sum()), abs=1e-6)
+    assert m["elbo_entropy_q"] == pytest.approx(float(-(qz * qz.log()).sum()), abs=1e-6)
+    assert m["elbo_expected_log_joint"] + m["elbo_entropy_q"] == pytest.approx(m["elbo_final"], abs=1e-9)
     # SVI reaches the CAVI fixed point (both from uniform q)
     ref = cavi(net, ev)
     for v in inf.latents:
