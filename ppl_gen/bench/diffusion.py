@@ -1,9 +1,10 @@
 """The diffusion model's training step through the runner against the same step in plain PyTorch.
 
     python -m ppl_gen.bench.diffusion [--image-size 8] [--batch-size 128] [--channels 16] [--T 100]
-                                      [--steps 20] [--rounds 5] [--device cpu] [--jit]
+                                      [--steps 10] [--rounds 15] [--device cpu] [--jit]
 
-One step of models/diffusion.py (the bound's one-t estimate: a uniform t per image,
+One step of models/diffusion.py with its default options (cosine schedule, the U-Net
+predicting x_0, sigma_t^2 = beta~_t; the bound's one-t estimate: a uniform t per image,
 x_t ~ q(x_t | x_0), the closed-form KL T * L_{t-1} or the decoder term T * L_0, and the prior
 term L_T), timed two ways on the same U-Net, batch and Adam:
 
@@ -45,7 +46,9 @@ def hand_written_loss(d, x: torch.Tensor) -> torch.Tensor:
     t = (torch.rand(x.shape[0], device=x.device, dtype=x.dtype) * T).long().clamp(max=T - 1) + 1
     ab = s.alpha_bar[t][:, None]
     xt = ab.sqrt() * y0 + (1 - ab).sqrt() * torch.randn_like(y0)
-    eps_hat = d.net(xt, t)
+    # the x0 form (the model file's default): the U-Net predicts x_0 for binary pixels
+    x0_hat = torch.tanh(ab.sqrt() * xt / (1 - ab) + d.net(xt, t))
+    eps_hat = (xt - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
     beta, alpha, ab_prev = s.beta[t][:, None], s.alpha[t][:, None], s.alpha_bar[t - 1][:, None]
     mean_p = (xt - beta / (1 - ab).sqrt() * eps_hat) / alpha.sqrt()
     later = t > 1
@@ -62,7 +65,7 @@ def hand_written_loss(d, x: torch.Tensor) -> torch.Tensor:
     return (torch.where(later, T * kl, -T * log_px) + prior).sum()
 
 
-def bench_diffusion(image_size=8, batch_size=128, channels=16, T=100, steps=20, rounds=5, device="cpu",
+def bench_diffusion(image_size=8, batch_size=128, channels=16, T=100, steps=10, rounds=15, device="cpu",
                     jit=False, seed=0, sample_images=64) -> dict:
     from models.diffusion import Diffusion, ImageEps, Schedule
 
@@ -71,7 +74,7 @@ def bench_diffusion(image_size=8, batch_size=128, channels=16, T=100, steps=20, 
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     net = ImageEps((image_size, image_size), channels, 2).to(dev)
-    d = Diffusion(net, Schedule.named("linear", T, dev), levels=2, variance="posterior")
+    d = Diffusion(net, Schedule.named("cosine", T, dev), levels=2, variance="posterior", predict="x0")
     x = torch.bernoulli(torch.full((batch_size, image_size * image_size), 0.3, device=dev))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -145,8 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--channels", type=int, default=16, help="U-Net width at full resolution")
     p.add_argument("--T", type=int, default=100, help="diffusion steps (sampling calls the U-Net T times)")
-    p.add_argument("--steps", type=int, default=20, help="steps per path per round")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="steps per path per round")
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--jit", action="store_true", help="also time the runner with --jit")
     p.add_argument("--sample-images", type=int, default=64)
