@@ -20,7 +20,8 @@ BUDGET = {"vae.py": ["--ll-samples", "5", "--ll-points", "20", "--gap-points", "
                      "--local-steps", "5", "--test-points", "30"],
           "lda.py": ["--infer-docs", "20", "--local-steps", "20"],
           "vqvae.py": ["--prior-steps", "3", "--samples", "4"],
-          "pixelcnn.py": ["--samples", "4", "--completions", "1"]}
+          "pixelcnn.py": ["--samples", "4", "--completions", "1"],
+          "diffusion.py": ["--T", "10", "--test-points", "30", "--samples", "4"]}
 ENTRY = {"inference.svi": svi_main, "inference.compare": compare_main}
 
 
