@@ -14,6 +14,8 @@ BENCHES = {
     "backends": "one SVI step of every model file, Pyro against NumPyro",
     "threads": "the runner's default thread count against --threads 1, quiet and under contention",
     "startup": "a 1-step run of the README's model file against import pyro",
+    "vi": "KL(q||p) against KL(p||q) on a bimodal target; score-function against reparameterized gradients",
+    "figures": "regenerate every figure in docs/figures from the code (--out DIR)",
     "snapshot": "every model file's tiny default run, metrics compared with an earlier snapshot",
 }
 
