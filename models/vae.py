@@ -35,6 +35,10 @@ Evaluation splits the gap between log p(x) and the ELBO the way Cremer, Li & Duv
 log p(x) - ELBO(q*) with q* the best Gaussian for each x, and amortization gap
 ELBO(q*) - ELBO(q).
 
+``--decoder gaussian`` replaces the Bernoulli decoder by x | z ~ N(mean_phi(z), s^2 I) with a fixed
+s (``--decoder-sd``): its log-likelihood is -||x - mean_phi(z)||^2 / (2 s^2) + const, the L2
+reconstruction loss of an ordinary autoencoder, weighed against the KL term by 1 / (2 s^2).
+
 Data: scikit-learn's 8x8 digits by default (binarized); ``--data fashion-mnist``;
 any MNIST-format IDX folder or an .npz with x_train / x_test.
 """
@@ -77,6 +81,10 @@ class Options:
         "help": "K, gradient steps the semi-amortized guide takes from the encoder's output"})
     refine_lr: float = field(default=0.02, metadata={"help": "step size of the semi-amortized refinement"})
     refine_samples: int = field(default=4, metadata={"help": "z samples per refinement gradient"})
+    decoder: str = field(default="bernoulli", metadata={
+        "help": "p_phi(x | z): bernoulli (pixels in {0, 1}) or gaussian, N(mean_phi(z), decoder_sd^2 I), whose "
+                "log-likelihood is -||x - mean||^2 / (2 sd^2) + const: the L2 reconstruction loss"})
+    decoder_sd: float = field(default=0.1, metadata={"help": "the Gaussian decoder's fixed standard deviation"})
     gap_points: int = field(default=200, metadata={
         "help": "held-out points for the gap decomposition (log p(x), ELBO(q*), ELBO(q)); 0: skip it"})
     qstar_steps: int = field(default=1000, metadata={
@@ -86,6 +94,10 @@ class Options:
         for name in ("latent_dim", "hidden_dim", "ll_samples", "ll_points", "local_steps", "qstar_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.decoder not in ("bernoulli", "gaussian"):
+            raise UserError(f"--decoder must be bernoulli or gaussian, got {self.decoder!r}")
+        if not self.decoder_sd > 0:
+            raise UserError(f"--decoder-sd must be positive, got {self.decoder_sd}")
 
 
 # Kingma & Welling's MNIST settings use batch 100 and Adagrad; Adam at 1e-3 with
@@ -142,7 +154,12 @@ class VAE:
         return dist.Normal(like.new_zeros(self.z_dim), like.new_ones(self.z_dim)).to_event(1)
 
     def likelihood(self, z: torch.Tensor) -> dist.Distribution:
-        return dist.Bernoulli(logits=self.decoder(z)).to_event(1)
+        logits = self.decoder(z)
+        if self.options.decoder == "gaussian":
+            # the slides' "Gaussian decoder means L2 loss": log N(x | m, s^2 I) = -||x - m||^2 / 2s^2 + const;
+            # the mean is squashed to [0, 1] like the Bernoulli's, so the plots read both alike
+            return dist.Normal(torch.sigmoid(logits), self.options.decoder_sd).to_event(1)
+        return dist.Bernoulli(logits=logits).to_event(1)
 
     def model(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
         pyro.module("decoder", self.decoder)
@@ -465,6 +482,8 @@ def numpyro_twin(options: Options, dataset):
     NumPyro/JAX (Phan et al. 2019). Parameters carry the Pyro store's names and torch's
     layouts (``decoder$$$hidden.weight`` is [out, in]), so the runner starts both backends
     from the same weights and evaluates the NumPyro fit with the torch networks above."""
+    if options.decoder != "bernoulli":
+        raise UserError("the NumPyro twin has the Bernoulli decoder only; drop --decoder or --backend numpyro")
     import jax
     import jax.numpy as jnp
     import numpyro

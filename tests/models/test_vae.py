@@ -84,3 +84,21 @@ def test_vae_runs_on_each_device(device, tmp_path):
     assert all(p.device.type == device.type for _, p in pyro.get_param_store().named_parameters())
     assert math.isfinite(metrics["test_log_likelihood"]) and math.isfinite(metrics["test_elbo"])
     assert (tmp_path / "r" / "manifold.png").is_file()
+
+
+def test_gaussian_decoder_is_the_l2_loss():
+    """--decoder gaussian: log p(x | z) = -||x - m(z)||^2 / (2 s^2) - D/2 log(2 pi s^2), the L2
+    reconstruction loss up to a constant; the default stays Bernoulli."""
+    x = load_digits().train[:5]
+    opts = vae_file.Options(latent_dim=3, hidden_dim=16, decoder="gaussian", decoder_sd=0.3)
+    vae = vae_file.VAE(x.shape[1], opts)
+    z = torch.randn(5, 3)
+    with torch.no_grad():
+        m = torch.sigmoid(vae.decoder(z))
+        d = x.shape[1]
+        formula = -((x - m) ** 2).sum(-1) / (2 * 0.3 ** 2) - d / 2 * math.log(2 * math.pi * 0.3 ** 2)
+        assert torch.allclose(vae.likelihood(z).log_prob(x), formula, atol=1e-4)
+    assert isinstance(vae_file.VAE(x.shape[1], vae_file.Options()).likelihood(z[:, :1].repeat(1, 20)).base_dist,
+                      pyro.distributions.Bernoulli)
+    with pytest.raises(vae_file.UserError, match="--decoder must be"):
+        vae_file.Options(decoder="poisson").validate()
