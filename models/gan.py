@@ -257,12 +257,12 @@ class AlternatingUpdates:
         grad = d_fake if self.loss_name == "minimax" else 1 - d_fake
         for key, value in (("d_loss", d_loss), ("g_loss", g_loss), ("d_real", torch.sigmoid(real_logit).mean()),
                            ("d_fake", d_fake.mean()), ("g_logit_grad", grad.mean())):
-            self.history[key].append(float(value))
+            self.history[key].append(float(value.detach()))
         if len(self.z_fixed) and snapshot_steps(t):
             with torch.no_grad():
                 self.snapshots[t] = G(self.z_fixed).detach().clone()
         # the Trainer reports value / size: trace.csv's loss is D's loss -V on this batch
-        return float(d_loss) * size
+        return float(d_loss.detach()) * size
 
     # -- checkpoint state: tensors and plain numbers only (weights_only=True) -----------------
     def state_dict(self) -> dict:
