@@ -40,8 +40,13 @@ def _guide_lines(model_file) -> str:
         setup = RunSetup.build(RunConfig(model_file=str(model_file.path), threads=1), model_file)
     except Exception:  # help must not fail on a file whose data are not there; the run will say why
         return ""
-    names = [f"{g} (default)" if g == setup.spec.default_guide else g for g in setup.spec.guides]
-    return "guides of " + model_file.path.name + ": " + ", ".join(names)
+    from ppl_gen.core.protocol import AUTOGUIDES
+
+    mark = lambda g: f"{g} (default)" if g == setup.spec.default_guide else g  # noqa: E731
+    own = ("guides of " + model_file.path.name + ": " + ", ".join(map(mark, setup.spec.guides)) + "\n"
+           if setup.spec.guides else f"{model_file.path.name} defines no guide of its own\n")
+    return (own + "Pyro's automatic guides, for models with continuous latents (--guide NAME): "
+            + ", ".join(map(mark, AUTOGUIDES)))
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m inference.svi",

@@ -95,6 +95,10 @@ CLOSED_FORM = "fitted by closed-form updates, which run on Pyro only"
 def unsupported(spec, twin, name: str) -> str | None:
     """Why guide ``name`` cannot run on NumPyro, or None when it can: the one rule that
     ``run`` (one guide) and ``inference.compare`` (all of them, before training) apply."""
+    from ppl_gen.core.protocol import AUTOGUIDES
+
+    if name in AUTOGUIDES and name not in spec.guides:
+        return "Pyro's automatic guides run on Pyro only"
     if spec.resolve(name).update is not None:
         return CLOSED_FORM
     if name in twin.refused:
@@ -356,6 +360,11 @@ class NumpyroBackend:
                             "array on its device); drop it or use --backend pyro")
         if setup.guide.update is not None:
             raise UserError(f"guide {setup.guide_name!r} is {CLOSED_FORM}; use --backend pyro for it")
+        from ppl_gen.core.protocol import AUTOGUIDES
+
+        if setup.guide_name in AUTOGUIDES and setup.guide_name not in setup.spec.guides:
+            raise UserError(f"--backend numpyro fits a model file's NumPyro twin, and Pyro's automatic guide "
+                            f"{setup.guide_name} is not carried over to NumPyro's yet; use --backend pyro for it")
         self.twin = load_twin(setup.mf, setup.options, setup.dataset)
         self.elbo_name = twin_elbo(self.twin, setup.cfg.elbo)  # an unsupported --elbo fails before any work
         self.guide = twin_guide(self.twin, setup.guide_name, setup.mf.path.name)

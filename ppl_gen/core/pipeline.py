@@ -36,7 +36,7 @@ import tempfile
 import time
 import warnings
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +47,7 @@ import torch
 from ppl_gen.core.dataset import Dataset
 from ppl_gen.core.errors import TrainingDiverged, UserError
 from ppl_gen.core.guard import model_code
-from ppl_gen.core.protocol import Guide, ModelFile, Spec, load_model_file
+from ppl_gen.core.protocol import AUTOGUIDES, Guide, ModelFile, Spec, autoguide, load_model_file
 from ppl_gen.core.settings import NOT_SAVED, RunConfig
 
 # the running ELBO on the progress bar: the mean of the last steps' estimates, so that it ends
@@ -104,6 +104,8 @@ class RunSetup:
     guide_name: str
     guide: Guide
     fingerprint: str
+    # the guide was replaced after training by its fitted form (Guide.fitted: the Laplace approximation)
+    refitted: bool = False
 
     @classmethod
     def build(cls, cfg: RunConfig, mf: ModelFile | None = None, guide: str | None = None,
@@ -136,6 +138,11 @@ class RunSetup:
             raise UserError(f"{mf.path.name} evaluates on its whole data set at once and does not support "
                             "--data-on-host; drop the flag")
         name = guide or cfg.guide or spec.default_guide
+        if name in AUTOGUIDES and name not in spec.guides:
+            with model_code(mf.path, f"tracing the model for {name}"):
+                spec.auto[name] = autoguide(name, spec.model, dataset.train, mf.path.name, rank=cfg.rank,
+                                            batched=cfg.batch_size is not None
+                                            and cfg.batch_size < dataset.train.shape[0])
         return cls(cfg=cfg, mf=mf, device=device, options=options, dataset=dataset, spec=spec,
                    guide_name=name, guide=spec.resolve(name), fingerprint=fingerprint)
 
@@ -251,7 +258,7 @@ def heldout_evaluator(setup: RunSetup, before: Callable | None = None) -> Callab
     cfg, spec, guide, ds = setup.cfg, setup.spec, setup.guide, setup.dataset
 
     def evaluate():
-        if ds.test is None:
+        if ds.test is None or not spec.likelihood:
             return None
         if before:
             before()
@@ -295,7 +302,8 @@ def run(cfg: RunConfig, mf: ModelFile | None = None):
     start, config = 0, None
     if cfg.resume:
         state = folder.load_checkpoint(map_location=setup.device)
-        with model_code(mf.path, "loading the checkpoint"), site_check(mf.path.name, setup.guide_name):
+        check = site_check(mf.path.name, setup.guide_name) if setup.spec.likelihood else nullcontext()
+        with model_code(mf.path, "loading the checkpoint"), check:
             start = trainer.load_state_dict(state)
         if start > cfg.steps:
             raise UserError(f"the run in {folder.path} already has {start} steps; give --steps {start} (to redo "
@@ -311,6 +319,11 @@ def run(cfg: RunConfig, mf: ModelFile | None = None):
         train_loop(setup, trainer, folder, evaluate, start, config, desc=f"{mf.name}/{setup.guide_name}"
                    + backend.suffix)
     backend.sync(trainer)
+    if setup.guide.fitted is not None:
+        with model_code(mf.path, f"forming the fitted {setup.guide_name}"):
+            setup.guide = Guide(fn=setup.guide.fitted(setup.dataset.train))
+        setup.refitted = True
+        evaluate = heldout_evaluator(setup, before=lambda: backend.sync(trainer))
     return finish(setup, folder, config, evaluate, title=setup.title + backend.suffix)
 
 
@@ -347,7 +360,7 @@ def train_loop(setup: RunSetup, trainer, folder, evaluate, start: int, config: d
         for t in range(start + 1, cfg.steps + 1):
             clock = time.perf_counter()
             with model_code(setup.mf.path, f"at step {t}"):
-                if t == start + 1:
+                if t == start + 1 and setup.spec.likelihood:  # an implicit model's guide mirrors nothing
                     with site_check(setup.mf.path.name, setup.guide_name):
                         loss = trainer.step(t)
                 else:
@@ -412,7 +425,9 @@ def _finish(setup: RunSetup, folder, config: dict, evaluate: Callable, title: st
     trace = folder.read_trace()
     last = trace[-1] if trace else {}
     test_elbo = float(last["test_elbo"]) if last.get("test_elbo") not in (None, "") else None
-    if test_elbo is None and ds.test is not None:
+    if setup.refitted:  # the trace scored the guide as trained; the run reports the fitted one
+        test_elbo = evaluate()
+    elif test_elbo is None and ds.test is not None:
         test_elbo = evaluate()
         if test_elbo is not None and trace:
             folder.set_test_elbo(int(last["step"]), test_elbo)
@@ -422,9 +437,11 @@ def _finish(setup: RunSetup, folder, config: dict, evaluate: Callable, title: st
     sessions = [0] + [r["from_step"] for r in config.get("resumed", [])]
     per_step, startup = per_step_seconds(trace, sessions)
     seconds = float(last.get("seconds") or 0.0)
-    with model_code(setup.mf.path, "in the final training-set evaluation"):
-        train_elbo = evaluate_elbo(spec.model, setup.guide, ds.train, cfg.elbo, cfg.eval_particles, seed=cfg.seed,
-                                   device=device)
+    train_elbo = None
+    if spec.likelihood:
+        with model_code(setup.mf.path, "in the final training-set evaluation"):
+            train_elbo = evaluate_elbo(spec.model, setup.guide, ds.train, cfg.elbo, cfg.eval_particles,
+                                       seed=cfg.seed, device=device)
     losses = [-float(r["loss"]) for r in trace[-WINDOW:]]
     metrics = {
         "model": setup.mf.name, "guide": setup.guide_name, "elbo": cfg.elbo, "jit": cfg.jit, "steps": cfg.steps,
@@ -433,13 +450,17 @@ def _finish(setup: RunSetup, folder, config: dict, evaluate: Callable, title: st
         "device": str(device), "seed": cfg.seed, "backend": cfg.backend,
         "train_elbo": train_elbo, "test_elbo": test_elbo,
         "running_elbo": sum(losses) / len(losses) if losses else None,
-        "elbo_units": "nats per data point", "eval_particles": cfg.eval_particles,
+        "elbo_units": "nats per data point" if spec.likelihood else "none: an implicit model has no likelihood",
+        "eval_particles": cfg.eval_particles,
+        "num_particles": cfg.num_particles, "renyi_alpha": cfg.renyi_alpha if cfg.elbo == "renyi" else None,
     }
     devices = [device] if device.type == "cuda" else []
     if spec.evaluate:
         with torch.random.fork_rng(devices=devices), model_code(setup.mf.path, "in evaluate()"):
             seed_everything(cfg.seed)
             metrics.update(spec.evaluate(fitted) or {})
+    if cfg.elbo == "renyi":  # the objective's own value, beside the standard ELBO
+        metrics["train_bound"] = renyi_bound(setup)
     folder.write_json("metrics.json", metrics)
 
     elbo_curve(trace, folder.path / "elbo.png", title=title)
@@ -447,17 +468,47 @@ def _finish(setup: RunSetup, folder, config: dict, evaluate: Callable, title: st
         with torch.random.fork_rng(devices=devices), model_code(setup.mf.path, "in plots()"):
             seed_everything(cfg.seed)
             spec.plots(fitted, folder.path)
-    from ppl_gen.core.posterior import save_guide_posterior
+    from ppl_gen.core.posterior import diagnose, save_guide_posterior
 
-    # draws of the global latents from the fitted guide, for ArviZ (none: no posterior.nc)
+    # does the fit work? PSIS against the model (Yao et al. 2018); any failure is reported, not raised:
+    # a diagnostic must not take a finished run down with it
+    if cfg.data_on_host:
+        metrics["diagnostics_skipped"] = "--data-on-host"
+    else:
+        try:
+            metrics.update(diagnose(spec.model, setup.guide, ds.train, cfg.diagnostic_draws, seed=cfg.seed))
+        except Exception as e:  # noqa: BLE001
+            metrics["diagnostics_skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    # draws of the latents from the fitted guide, for ArviZ (none: no posterior.nc), and their summary
     with model_code(setup.mf.path, "drawing from the guide for posterior.nc"):
-        save_guide_posterior(fitted, folder.path / "posterior.nc", seed=cfg.seed)
+        table = save_guide_posterior(fitted, folder.path / "posterior.nc", num_draws=cfg.diagnostic_draws,
+                                     seed=cfg.seed)
+    if table is not None:
+        metrics["posterior_summary"] = {str(k): {c: float(v) for c, v in row.items()}
+                                        for k, row in table.iterrows()}
+    folder.write_json("metrics.json", metrics)
     return fitted, metrics
+
+
+def renyi_bound(setup: RunSetup, repeats: int = 10) -> float:
+    """The Renyi bound of the final guide on the training data (nats per point), the mean of
+    ``repeats`` K-draw estimates (K = --num-particles: with --renyi-alpha 0, the IWAE bound)."""
+    from ppl_gen.core.train import call_args, make_elbo
+
+    cfg, ds = setup.cfg, setup.dataset
+    elbo = make_elbo("renyi", num_particles=cfg.num_particles, alpha=cfg.renyi_alpha)
+    args, kwargs = call_args(setup.spec.model, ds.train, None, ds.train.shape[0], device=ds.device)
+    with torch.random.fork_rng(devices=[ds.device] if ds.device.type == "cuda" else []), torch.no_grad():
+        pyro.set_rng_seed(cfg.seed)
+        values = [-elbo.loss(setup.spec.model, setup.guide, *args, **kwargs) for _ in range(repeats)]
+    return sum(values) / len(values) / ds.train.shape[0]
 
 
 SUMMARY_SKIP = {"model", "guide", "elbo", "jit", "steps", "seconds", "seconds_per_step", "startup_seconds", "device",
                 "seed", "n_parameters", "train_elbo", "test_elbo", "elbo_units", "eval_particles", "running_elbo",
-                "backend"}
+                "backend", "num_particles", "renyi_alpha",
+                # the runner's diagnostics have lines of their own
+                "psis_khat", "iw_log_evidence", "is_ess", "is_draws", "train_bound"}
 
 
 def summary(metrics: dict, out: Path) -> str:
@@ -469,6 +520,22 @@ def summary(metrics: dict, out: Path) -> str:
              f"{metrics['steps']} steps in {timing} on {metrics['device']}",
              f"  train ELBO {fmt(metrics['train_elbo'])}   held-out ELBO {fmt(metrics['test_elbo'])}"
              "   (nats per data point)"]
+    if metrics.get("psis_verdict"):
+        lines.append(f"  PSIS ({metrics['is_draws']} draws): {metrics['psis_verdict']}; importance-weighted "
+                     f"log p(x) {fmt(metrics['iw_log_evidence'])} nats per data point, ESS {metrics['is_ess']:.0f}")
+    elif metrics.get("diagnostics_skipped"):
+        lines.append(f"  PSIS diagnostic skipped: {metrics['diagnostics_skipped']}")
+    if metrics.get("train_bound") is not None:
+        lines.append(f"  Renyi bound (alpha {metrics.get('renyi_alpha')}, K {metrics.get('num_particles')}) on the "
+                     f"training set: {fmt(metrics['train_bound'])}")
+    post = metrics.get("posterior_summary") or {}
+    if post:
+        lines.append("  posterior (guide draws)      mean       sd      q5%     q50%     q95%")
+        for name, row in list(post.items())[:10]:
+            lines.append(f"    {name:<24}" + "".join(f"{row.get(c, float('nan')):9.3f}"
+                                                  for c in ("mean", "sd", "q5%", "q50%", "q95%")))
+        if len(post) > 10:
+            lines.append(f"    ... {len(post) - 10} more in posterior_summary.csv")
     # the model's own headline numbers: every scalar it reported
     extra = [(k, v) for k, v in metrics.items()
              if k not in SUMMARY_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)]

@@ -40,6 +40,8 @@ MAX_VALUES = 5_000_000
 # rows of the training data the guide is called on when it takes minibatches: global
 # latents do not depend on which rows a batch holds, and the local ones are not drawn
 PROBE_ROWS = 8
+# local latents (one per data point) join posterior.nc up to this many numbers in all
+LOCAL_MAX = 10_000
 
 
 def import_arviz():
@@ -136,17 +138,30 @@ def trace_with_guide(model: Callable, guide: Callable, x: torch.Tensor, device: 
 
 
 def guide_draws(model: Callable, guide: Callable, x: torch.Tensor, num_draws: int = NUM_DRAWS,
-                custom_dims: dict | None = None, device: torch.device | None = None) -> dict[str, Any] | None:
+                custom_dims: dict | None = None, device: torch.device | None = None,
+                local_max: int = 0) -> dict[str, Any] | None:
     """S draws of every global latent from the guide, with their dims; None without any.
+    ``local_max``: the local latents join them when they hold at most this many numbers on the
+    whole training set (eight schools' effects; not a VAE's code per image).
 
     Returns ``{"draws": {site: array [S, ...]}, "dims": {site: [...]}, "coords": {...}}``.
     The guide is run once per draw (a loop, not a vectorizing plate: a guide written for
     one draw need not broadcast over a leading dimension).
     """
     model_trace, (args, kwargs) = trace_with_guide(model, guide, x, device)
-    glob, _ = split_latents(model_trace)
+    glob, local = split_latents(model_trace)
     if not glob:
         return None
+    if local and local_max:
+        probe = args[0].shape[0]
+        if sum(s["value"].numel() for s in local.values()) * x.shape[0] / probe <= local_max:
+            if probe < x.shape[0]:  # the probe saw a few rows; draw them for the whole set
+                args, kwargs = (x if device is None else x.to(device),), {}
+                with torch.no_grad():
+                    g = poutine.trace(guide).get_trace(*args)
+                    model_trace = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args)
+                glob, local = split_latents(model_trace)
+            glob = {**glob, **local}
     dims, coords = {}, {}
     for name, site in glob.items():
         dims[name], c = site_dims(name, site, custom_dims)
@@ -172,16 +187,18 @@ def to_inference_data(draws: dict, dims: dict, coords: dict, attrs: dict | None 
                         sample_stats=sample_stats, attrs=attrs or {})
 
 
-def save_guide_posterior(run, path: str | Path, num_draws: int = NUM_DRAWS, seed: int = 0) -> Path | None:
-    """Write ``posterior.nc`` for a fitted run (a :class:`~ppl_gen.core.train.FittedRun`); None
-    (and no file) when the model has no global latents. Draws use their own random stream,
-    so writing the file changes nothing else in the run."""
+def save_guide_posterior(run, path: str | Path, num_draws: int = NUM_DRAWS, seed: int = 0,
+                         local_max: int = LOCAL_MAX):
+    """Write ``posterior.nc`` for a fitted run (a :class:`~ppl_gen.core.train.FittedRun`) and
+    ``posterior_summary.csv`` beside it; returns the summary (a DataFrame), or None (and no file)
+    when the model has no global latents. Draws use their own random stream, so writing the
+    file changes nothing else in the run."""
     spec = run.spec
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         pyro.set_rng_seed(seed)
         got = guide_draws(spec.model, run.guide, run.dataset.train, num_draws,
-                          getattr(spec, "posterior_dims", None), device=run.dataset.device)
+                          getattr(spec, "posterior_dims", None), device=run.dataset.device, local_max=local_max)
     if got is None:
         return None
     attrs = {"source": "draws from the fitted variational guide", "guide": run.guide_name,
@@ -190,4 +207,132 @@ def save_guide_posterior(run, path: str | Path, num_draws: int = NUM_DRAWS, seed
     idata = to_inference_data(got["draws"], got["dims"], got["coords"], attrs)
     path = Path(path)
     idata.to_netcdf(str(path))
-    return path
+    table = posterior_summary(idata)
+    table.to_csv(path.with_name("posterior_summary.csv"))
+    return table
+
+
+# ---------------------------------------------------------------- does the fit work? (PSIS)
+# A guide q is checked against the model by importance sampling: draws z_s ~ q give weights
+# w_s = p(x, z_s) / q(z_s). Their mean estimates p(x) (a consistent estimate, whatever q is);
+# Pareto-smoothed importance sampling fits a generalized Pareto distribution to the largest
+# weights, and its shape k-hat says how heavy their tail is, that is how far q is from the
+# posterior in the direction that matters (Yao, Vehtari, Simpson & Gelman 2018, "Yes, but did it
+# work?: Evaluating variational inference", ICML; Vehtari, Simpson, Gelman, Yao & Gabry 2024,
+# "Pareto smoothed importance sampling", JMLR). Their thresholds:
+KHAT_GOOD, KHAT_USABLE = 0.5, 0.7
+# the diagnostic weighs every latent number of the whole training set at once; beyond this many
+# the weights of any guide are degenerate and the check says nothing, so it is skipped
+DIAGNOSE_MAX = 10_000
+
+
+def verdict(khat: float | None) -> str:
+    """Yao et al. (2018)'s reading of k-hat, as one line."""
+    if khat == float("-inf"):
+        return "good: the importance weights are all equal, the guide is the posterior up to rounding"
+    if khat is None or khat != khat:
+        return "no verdict (k-hat could not be estimated)"
+    if khat < KHAT_GOOD:
+        return f"good: k-hat {khat:.2f} < {KHAT_GOOD}, the guide is close to the posterior"
+    if khat < KHAT_USABLE:
+        return (f"usable: k-hat {khat:.2f} in {KHAT_GOOD}-{KHAT_USABLE}; importance-weighted estimates "
+                "converge slowly")
+    return (f"unreliable: k-hat {khat:.2f} > {KHAT_USABLE}; the guide misses posterior mass, do not trust "
+            "its means and sds (Yao et al. 2018)")
+
+
+def _plate_nesting(model_trace) -> int:
+    dims = [-f.dim for s in model_trace.nodes.values() if s["type"] == "sample"
+            for f in s["cond_indep_stack"] if f.vectorized and f.dim is not None]
+    return max(dims, default=0)
+
+
+def log_importance_weights(model: Callable, guide: Callable, x: torch.Tensor, num_draws: int) -> torch.Tensor:
+    """log w_s = log p(x, z_s) - log q(z_s) for S draws z_s ~ q, on the whole of ``x``.
+
+    Vectorized over draws (Pyro's ``vectorized_importance_weights``, which ``psis_diagnostic``
+    also uses) where model and guide broadcast; otherwise one draw at a time."""
+    from pyro.infer.importance import vectorized_importance_weights
+
+    with torch.no_grad():
+        tr = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(x))).get_trace(x)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lw, _, _ = vectorized_importance_weights(model, guide, x, num_samples=num_draws,
+                                                         max_plate_nesting=_plate_nesting(tr), normalized=False)
+            if lw.shape == (num_draws,) and bool(torch.isfinite(lw).any()):
+                return lw
+        except Exception:  # a guide written for one draw need not broadcast over a leading dimension
+            pass
+        out = []
+        for _ in range(num_draws):
+            g = poutine.trace(guide).get_trace(x)
+            m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x)
+            out.append(m.log_prob_sum() - g.log_prob_sum())
+        return torch.stack(out)
+
+
+def psis(log_weights) -> dict[str, float]:
+    """k-hat (ArviZ's ``psislw``, the implementation of Vehtari et al.), the importance-weighted
+    log p(x) = log (1/S) sum_s w_s and the weights' effective sample size 1 / sum_s w~_s^2
+    (w~ the self-normalized raw weights: Kong 1992's estimate)."""
+    import numpy as np
+
+    az = import_arviz()
+    lw = np.asarray(log_weights, dtype=np.float64)
+    if lw.max() - lw.min() < 1e-6 * max(1.0, abs(lw.max())):
+        # equal weights: q is the posterior up to rounding (a Gaussian posterior under its Laplace
+        # approximation); the tail has no spread to fit, the Pareto shape is -infinity
+        khat = float("-inf")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, khat = az.psislw(lw.copy())
+    S = len(lw)
+    log_px = float(np.logaddexp.reduce(lw) - np.log(S))
+    w = np.exp(lw - lw.max())
+    w /= w.sum()
+    return {"khat": float(khat), "log_px": log_px, "ess": float(1.0 / np.sum(w ** 2)), "draws": S}
+
+
+def diagnose(model: Callable, guide: Callable, x: torch.Tensor, num_draws: int = NUM_DRAWS,
+             seed: int = 0) -> dict[str, Any]:
+    """The PSIS check of a fitted guide against its model on the training data ``x``, as the
+    keys metrics.json holds: ``psis_khat``, ``iw_log_evidence`` (nats per data point), ``is_ess``,
+    ``is_draws`` and ``psis_verdict``; or ``diagnostics_skipped`` with the reason."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        pyro.set_rng_seed(seed)
+        g = poutine.trace(guide).get_trace(x)
+        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x)
+        latent = latent_sites(m)
+        if not split_latents(m)[0]:
+            return {"diagnostics_skipped": "no global latent variables"}
+        sites = [s for s in g.nodes.values() if s["type"] == "sample"]
+        if sites and all(type(s["fn"]).__name__ == "Delta" for s in sites):
+            return {"diagnostics_skipped": "a point-mass guide (MAP) has no spread for importance sampling to check"}
+        missing = [k for k in latent if k not in g.nodes]
+        if missing:
+            return {"diagnostics_skipped": f"the guide leaves {', '.join(missing[:3])} to enumeration"}
+        size = sum(s["value"].numel() for s in latent.values())
+        if size > DIAGNOSE_MAX:
+            return {"diagnostics_skipped": f"{size} latent numbers on the training set, more than {DIAGNOSE_MAX}"}
+        lw = log_importance_weights(model, guide, x, num_draws)
+    d = psis(lw.cpu())
+    return {"psis_khat": d["khat"] if d["khat"] > float("-inf") else None, "iw_log_evidence": d["log_px"] / x.shape[0], "is_ess": d["ess"],
+            "is_draws": d["draws"], "psis_verdict": verdict(d["khat"])}
+
+
+def posterior_summary(idata, max_rows: int = 200):
+    """ArviZ's ``summary`` of the draws (mean, sd, the 5%, 50% and 95% quantiles) as a pandas
+    DataFrame, one row per latent number (the first ``max_rows``)."""
+    import numpy as np
+
+    az = import_arviz()
+    q = {"q5%": lambda v: np.quantile(v, 0.05), "q50%": lambda v: np.quantile(v, 0.5),
+         "q95%": lambda v: np.quantile(v, 0.95)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = az.summary(idata, kind="stats", stat_funcs=q, extend=False, round_to="none")
+        stats = az.summary(idata, kind="stats", round_to="none")[["mean", "sd"]]
+    return stats.join(table).head(max_rows)

@@ -2,7 +2,9 @@
 
 A model file is a plain Python file. The minimal one defines
 
-* ``model(x)`` and ``guide(x)``: a Pyro model and its variational guide;
+* ``model(x)``: a Pyro model, and optionally ``guide(x)``, its variational guide (without one,
+  Pyro's automatic guides fit it: ``--guide AutoNormal``, the default, and the others in
+  :data:`AUTOGUIDES`);
 * ``data()``: the observations, as a tensor or a ``(train, test)`` pair.
 
 A richer file may add, all optional:
@@ -74,6 +76,8 @@ class Guide:
     local_lr: float | None = None
     update: Callable | None = None
     heldout: Callable[[torch.Tensor], Callable] | None = None
+    # after training, the guide to evaluate: (x) -> guide (the Laplace approximation at the MAP)
+    fitted: Callable[[torch.Tensor], Callable] | None = None
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -114,23 +118,89 @@ class Spec:
     metrics: tuple[Metric, ...] = ()
     # extra paragraphs for compare's report: report(rows) -> list of markdown lines
     report: Callable[[list[dict]], list[str]] | None = None
+    # False for an implicit model (a GAN's x = G(z)): no density is written down, so the runner
+    # reports no ELBO and no log-likelihood for it
+    likelihood: bool = True
+
+    # Pyro's automatic guides set up for this run (by ppl_gen.core.pipeline), by class name
+    auto: dict[str, "Guide"] = field(default_factory=dict)
 
     def __post_init__(self):
-        if not self.guides:
-            raise UserError("the model file declares no guide; define guide(x) or guides = {...}")
         if self.default_guide is None:
-            self.default_guide = next(iter(self.guides))
+            # a file with no guide of its own is fitted by the mean-field Gaussian (ADVI)
+            self.default_guide = next(iter(self.guides)) if self.guides else "AutoNormal"
 
     def guide(self, name: str | None) -> Callable:
         name = name or self.default_guide
-        if name not in self.guides:
-            raise UserError(f"unknown guide {name!r}; this model file has: {', '.join(self.guides)}")
-        return self.guides[name]
+        if name in self.guides:
+            return self.guides[name]
+        if name in self.auto:
+            return self.auto[name]
+        own = f"this model file has: {', '.join(self.guides)}; " if self.guides else ""
+        raise UserError(f"unknown guide {name!r}; {own}Pyro's automatic guides: {', '.join(AUTOGUIDES)}")
 
     def resolve(self, name: str | None) -> Guide:
         """Guide ``name`` as a :class:`Guide` (a plain function is a Guide with no extras)."""
         g = self.guide(name)
         return g if isinstance(g, Guide) else Guide(fn=g)
+
+
+# Pyro's automatic guides (Pyro's pyro.infer.autoguide), available to every model file whose latent
+# variables are continuous, by class name:
+#   AutoNormal                     mean-field Gaussian in the unconstrained space: ADVI (Kucukelbir,
+#                                  Tran, Ranganath, Gelman & Blei 2017, "Automatic differentiation
+#                                  variational inference", JMLR 18)
+#   AutoMultivariateNormal         full-covariance Gaussian (ADVI's full-rank form)
+#   AutoLowRankMultivariateNormal  diagonal plus rank-R covariance (--rank R)
+#   AutoIAFNormal                  a normalizing flow: inverse autoregressive (Kingma et al. 2016)
+#   AutoDelta                      a point mass: MAP estimation
+#   AutoLaplaceApproximation       MAP, then a Gaussian with the inverse Hessian of -log p at the MAP
+AUTOGUIDES = ("AutoNormal", "AutoMultivariateNormal", "AutoLowRankMultivariateNormal", "AutoIAFNormal",
+              "AutoDelta", "AutoLaplaceApproximation")
+
+
+def autoguide(name: str, model: Callable, x: torch.Tensor, file_name: str, rank: int | None = None,
+              batched: bool = False) -> Guide:
+    """Pyro's automatic guide ``name`` for ``model`` on data ``x``, after refusing, in one line,
+    what it cannot fit: discrete latents (an autoguide is a density over continuous values),
+    a model with no latents, and minibatches of a model with per-data-point latents."""
+    import pyro.infer.autoguide as ag
+    import pyro.poutine as poutine
+    from pyro.poutine.util import site_is_subsample
+
+    with torch.no_grad(), poutine.block():
+        tr = poutine.trace(model).get_trace(x)
+    latent = {k: s for k, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+              and not site_is_subsample(s)}
+    discrete = [k for k, s in latent.items() if s["fn"].support.is_discrete or s["infer"].get("enumerate")]
+    if discrete:
+        raise UserError(f"{file_name}: the latent site(s) {', '.join(discrete[:4])} are discrete, and Pyro's automatic "
+                        f"guide {name} is a density over continuous values; sum them out (mark them "
+                        "infer={'enumerate': 'parallel'} and use --elbo enum with a guide of the rest), or write a "
+                        "guide(x) of your own")
+    if not latent:
+        raise UserError(f"{file_name}: the model has no latent variables, so there is nothing for {name} to fit; "
+                        "its likelihood needs no guide (write guide(x) as an empty function)")
+    observed_plates = {f.name for s in tr.nodes.values() if s["type"] == "sample" and s["is_observed"]
+                       for f in s["cond_indep_stack"]}
+    local = [k for k, s in latent.items() if any(f.name in observed_plates for f in s["cond_indep_stack"])]
+    if batched and local:
+        raise UserError(f"{file_name}: {name} fits one value per data point of {', '.join(local[:3])} and cannot "
+                        "follow a minibatch; drop --batch-size, or write a guide that takes (x, idx, size)")
+    cls = getattr(ag, name)
+    if name == "AutoLowRankMultivariateNormal" and rank is not None:
+        fn = cls(model, rank=rank)
+    elif name == "AutoIAFNormal":
+        size = sum(s["value"].numel() for s in latent.values())
+        if size < 2:  # Pyro's autoregressive network needs at least two inputs to be autoregressive over
+            raise UserError(f"{file_name}: AutoIAFNormal needs at least two latent numbers, the model has {size}; "
+                            "use AutoNormal (exact for one Gaussian number) or AutoLaplaceApproximation")
+        fn = cls(model)
+    else:
+        fn = cls(model)
+    if name == "AutoLaplaceApproximation":
+        return Guide(fn=fn, fitted=lambda data: fn.laplace_approximation(data))
+    return Guide(fn=fn)
 
 
 @dataclass
@@ -247,10 +317,7 @@ def load_model_file(path: str | Path) -> ModelFile:
     except ImportError as e:
         raise UserError(f"{path} failed to import {e.name or e}: install it or fix the import") from None
     if not callable(getattr(module, "model", None)) and not hasattr(module, "build"):
-        raise UserError(f"{path} defines no model(); a model file needs model, guide and data()")
-    if (not callable(getattr(module, "guide", None)) and not getattr(module, "guides", None)
-            and not hasattr(module, "build")):
-        raise UserError(f"{path} defines no guide(); a model file needs model, guide and data()")
+        raise UserError(f"{path} defines no model(); a model file needs model and data() (a guide is optional)")
     options_cls = getattr(module, "Options", None)
     if options_cls is not None and not dataclasses.is_dataclass(options_cls):
         raise UserError(f"{path}: Options must be a dataclass")

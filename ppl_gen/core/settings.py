@@ -17,7 +17,7 @@ from typing import Any, Callable
 from ppl_gen.core.errors import UserError
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators take seeds in 0..2^32-1
-ELBO_NAMES = ("trace", "meanfield", "tracegraph", "enum")
+ELBO_NAMES = ("trace", "meanfield", "tracegraph", "enum", "renyi", "tail-adaptive")
 DEVICE_NAMES = ("auto", "cpu", "cuda")
 BACKEND_NAMES = ("pyro", "numpyro")
 
@@ -56,6 +56,13 @@ def choice(names: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def real(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def text(value) -> str:
     return str(value)
 
@@ -85,8 +92,17 @@ class RunConfig:
                                 parse=text, shown="the file's default guide")
     elbo: str = setting("trace", "ELBO estimator: trace = Monte Carlo; meanfield = KL in closed form where "
                         "Pyro knows it; tracegraph = score-function gradient with dependency tracking, for "
-                        "discrete latents; enum = discrete latents marked for enumeration summed out exactly",
+                        "discrete latents; enum = discrete latents marked for enumeration summed out exactly; renyi = "
+                        "the Renyi bound of order --renyi-alpha over --num-particles draws (alpha 0: IWAE); "
+                        "tail-adaptive = the tail-adaptive f-divergence (needs --num-particles >= 2)",
                         parse=choice(ELBO_NAMES), metavar="{" + ",".join(ELBO_NAMES) + "}", locked=True)
+    renyi_alpha: float = setting(0.0, "order of the Renyi bound for --elbo renyi (0 with --num-particles K is "
+                           "the IWAE bound; 1 would be the ELBO, use --elbo trace)", parse=real, metavar="A",
+                           locked=True)
+    rank: int | None = setting(None, "rank of AutoLowRankMultivariateNormal's covariance factor", parse=positive(int),
+                               metavar="R", locked=True, shown="Pyro's, about the square root of the latent size")
+    diagnostic_draws: int = setting(1000, "draws from the fitted guide for the PSIS k-hat, the importance-"
+                                    "weighted log p(x) and posterior.nc", parse=positive(int), metavar="S")
     jit: bool = setting(False, "JIT-compile the ELBO (PyTorch tracing)", switch=True, locked=True, parse=flag_bool)
     steps: int = setting(1000, "total optimization steps", parse=positive(int), metavar="N")
     batch_size: int | None = setting(None, "data points per step", parse=positive(int), metavar="N", locked=True,

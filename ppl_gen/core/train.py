@@ -37,13 +37,61 @@ ELBOS = {
 }
 
 
-def make_elbo(name: str, jit: bool = False, num_particles: int = 1, **kwargs) -> pyro.infer.ELBO:
+# Objectives other than the ELBO; each run reports the standard ELBO of its final guide as well
+# (evaluate_elbo), so runs with different objectives compare on one scale.
+#   renyi: the Renyi bound of order alpha (Li & Turner 2016, "Renyi divergence variational
+#     inference", NeurIPS), L_alpha = 1/(1-alpha) log E_q[(p(x,z)/q(z))^(1-alpha)], estimated from
+#     K = --num-particles draws; alpha = 0 gives the importance-weighted bound of Burda, Grosse &
+#     Salakhutdinov (2016, "Importance weighted autoencoders", ICLR), log (1/K) sum_k p(x,z_k)/q(z_k),
+#     which grows with K towards log p(x).
+#   tail-adaptive: the tail-adaptive f-divergence of Wang, Liu & Liu (2018, "Variational inference
+#     with tail-adaptive f-divergence", NeurIPS), a mass-covering objective whose weights are ranks of
+#     the importance weights, so heavy tails do not blow up its gradient's variance.
+OBJECTIVES = ("renyi", "tail-adaptive")
+
+
+class TailAdaptiveELBO(pyro.infer.TraceTailAdaptive_ELBO):
+    """Pyro's TraceTailAdaptive_ELBO with a finite loss: Pyro's returns inf plus the surrogate
+    (it never computes the divergence itself), which the training loop would read as divergence.
+    This one returns the surrogate, -sum_k gamma_k log(p(x,z_k)/q(z_k)) / sum_k gamma_k with
+    gamma_k = rank_k^beta (Wang et al. 2018, alg. 1): its gradient is Pyro's up to the factor 1/K,
+    which Adam's step does not see. The reported ELBOs use Trace_ELBO (reporting_elbo)."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        total = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            total = total + self._differentiable_loss_particle(model_trace, guide_trace)[1]
+        return total
+
+
+def make_elbo(name: str, jit: bool = False, num_particles: int = 1, alpha: float = 0.0,
+              **kwargs) -> pyro.infer.ELBO:
+    if name == "renyi":
+        if jit:
+            raise UserError("--elbo renyi has no JIT-compiled form in Pyro; drop --jit")
+        if alpha == 1:
+            raise UserError("--renyi-alpha 1 makes the Renyi bound the ELBO, which RenyiELBO cannot compute; "
+                            "use --elbo trace, or another --renyi-alpha")
+        return pyro.infer.RenyiELBO(alpha=alpha, num_particles=num_particles, **kwargs)
+    if name == "tail-adaptive":
+        if jit:
+            raise UserError("--elbo tail-adaptive has no JIT-compiled form in Pyro; drop --jit")
+        if num_particles < 2:
+            raise UserError("--elbo tail-adaptive weighs several draws against each other: give "
+                            "--num-particles 2 or more (e.g. 8)")
+        return TailAdaptiveELBO(num_particles=num_particles, vectorize_particles=True, **kwargs)
     if name not in ELBOS:
-        raise UserError(f"unknown --elbo {name!r}; choose one of {', '.join(ELBOS)}")
+        raise UserError(f"unknown --elbo {name!r}; choose one of {', '.join((*ELBOS, *OBJECTIVES))}")
     cls = ELBOS[name][1 if jit else 0]
     if jit:
         kwargs.setdefault("ignore_jit_warnings", True)
     return cls(num_particles=num_particles, **kwargs)
+
+
+def reporting_elbo(name: str) -> str:
+    """The estimator the reported ELBOs use: the objective's own where it estimates the ELBO
+    (trace, meanfield, tracegraph, enum), else Trace_ELBO: the standard ELBO of the final guide."""
+    return "trace" if name in OBJECTIVES else name
 
 
 def call_args(fn: Callable, x: torch.Tensor, idx: torch.Tensor | None, size: int, batched: bool | None = None,
@@ -228,6 +276,9 @@ class Trainer:
                 # TraceMeanField_ELBO refuses a guide with discrete (non-reparameterized) sites
                 if "reparameterized" not in str(e):
                     raise
+                if isinstance(self.elbo, pyro.infer.TraceTailAdaptive_ELBO):
+                    raise UserError("--elbo tail-adaptive needs a guide whose every sample is reparameterized; "
+                                    "use --elbo renyi or --elbo trace for this guide") from None
                 raise UserError("--elbo meanfield needs a guide whose every sample is reparameterized; this "
                                 "guide samples discrete variables: use --elbo enum (exact sum) or --elbo "
                                 "tracegraph (score function)") from None
@@ -262,6 +313,8 @@ class Trainer:
         if self.buffers:
             state["buffers"] = {name: {k: b.detach().clone() for k, b in m.named_buffers()}
                                 for name, m in self.buffers.items()}
+        if hasattr(self.update, "state_dict"):  # a closed-form or loss-hook update with state of its own
+            state["update"] = self.update.state_dict()
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -288,6 +341,8 @@ class Trainer:
                 with torch.no_grad():
                     for k, b in saved.items():
                         own[k].copy_(b.to(own[k].device))
+        if "update" in state and hasattr(self.update, "load_state_dict"):
+            self.update.load_state_dict(state["update"])
         torch.set_rng_state(state["rng_torch"].cpu())
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
@@ -310,7 +365,7 @@ def evaluate_elbo(model: Callable, guide: Callable, x: torch.Tensor | None, elbo
     n = x.shape[0]
     device = x.device if device is None else torch.device(device)
     copy = device if device != x.device else None
-    elbo = make_elbo(elbo_name, num_particles=num_particles)
+    elbo = make_elbo(reporting_elbo(elbo_name), num_particles=num_particles)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         pyro.set_rng_seed(seed)
