@@ -4,6 +4,7 @@ lost, timings and the console are honest."""
 
 import csv
 import json
+import math
 import re
 import textwrap
 
@@ -250,11 +251,16 @@ def test_running_elbo_agrees_with_summary(tmp_path):
 def test_compare_timings_do_not_depend_on_guide_order(tmp_path):
     gn = str(ROOT / "models" / "gaussian_net.py")
     ms = {}
-    for order in ("mean_field,full_rank", "full_rank,mean_field"):
-        out = tmp_path / order.replace(",", "-")
-        assert compare.main([gn, "--guides", order, "--steps", "150", "--out", str(out), "--no-progress"]) == 0
-        rows = json.loads((out / "compare.json").read_text())["rows"]
-        ms[order] = {r["guide"]: r["ms_per_step"] for r in rows}
+    # each order twice, the faster figure kept: the minimum over repeats is the benchmarker's guard
+    # against other jobs on a shared machine (the suite runs beside itself under pytest-xdist)
+    for repeat in range(2):
+        for order in ("mean_field,full_rank", "full_rank,mean_field"):
+            out = tmp_path / f"{order.replace(',', '-')}-{repeat}"
+            assert compare.main([gn, "--guides", order, "--steps", "150", "--out", str(out), "--no-progress"]) == 0
+            rows = json.loads((out / "compare.json").read_text())["rows"]
+            seen = ms.setdefault(order, {})
+            for r in rows:
+                seen[r["guide"]] = min(seen.get(r["guide"], math.inf), r["ms_per_step"])
     a, b = ms.values()
     for guide in a:  # a guide's time per step is the same whether it runs first or second
         assert 0.75 < a[guide] / b[guide] < 1.25, ms
