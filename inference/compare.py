@@ -4,9 +4,13 @@
     python -m inference.compare models/vae.py --guides amortized,explicit --steps 3000
     python -m inference.compare models/vae.py --data fashion-mnist --device cuda --steps 20000
     python -m inference.compare --resume runs/compare-vae-20261121-120000 --steps 6000
+    python -m inference.compare my_model.py --guides AutoNormal,AutoMultivariateNormal --elbos trace,renyi:0.5 --seeds 5
 
 Takes every flag of ``python -m inference.svi`` (they apply to every guide alike) plus
-``--guides``. Each guide's full run folder lands in ``OUT/<guide>/``; the comparison
+``--guides`` (the file's guides and Pyro's automatic ones), ``--elbos`` (objectives crossed with
+the guides: ``trace,renyi:0.5``, ``renyi:0`` with ``--num-particles K`` is IWAE) and ``--seeds N``
+(every scheme from N seeds: the table shows mean +- standard error; one seed is luck). Each
+scheme's full run folder lands in ``OUT/<scheme>/`` (``OUT/<scheme>/seed-<s>/``); the comparison
 itself in ``OUT/``: compare.json, compare.md, compare_elbo.png (ELBO against step and
 against training seconds), compare_heldout.png (the model file's declared metrics).
 The table's columns are the runner's own numbers and the metrics the model file declares
@@ -25,10 +29,13 @@ from ppl_gen.core.protocol import Metric
 
 from . import svi
 
-# the runner's own columns, for every model file
+# the runner's own columns, for every model file (the diagnostics where the model has global latents)
 COLUMNS = (
     Metric("train_elbo", "train ELBO", "{:.3f}", higher_is_better=True),
     Metric("test_elbo", "held-out ELBO", "{:.3f}", higher_is_better=True, bar=True),
+    Metric("psis_khat", "PSIS k-hat", "{:.2f}", higher_is_better=False, bar=True),
+    Metric("iw_log_evidence", "IW log p(x)", "{:.3f}", higher_is_better=True),
+    Metric("is_ess", "IS ESS", "{:.0f}", higher_is_better=True),
     Metric("seconds", "train seconds", "{:.1f}", higher_is_better=False),
     Metric("ms_per_step", "ms/step", "{:.2f}", higher_is_better=False),
     Metric("n_parameters", "parameters", "{:,}"),
@@ -36,23 +43,39 @@ COLUMNS = (
 
 
 def _guides_flag(parser):
+    from ppl_gen.core.settings import positive
+
     parser.add_argument("--guides", metavar="A,B,...",
-                        help="comma-separated guide names (default: every guide the file declares)")
+                        help="comma-separated guide names, the file's or Pyro's automatic ones such as "
+                             "AutoNormal (default: every guide the file declares)")
+    parser.add_argument("--elbos", metavar="E,E:ALPHA,...",
+                        help="objectives to cross with the guides: trace, meanfield, renyi:ALPHA, tail-adaptive, "
+                             "... (default: --elbo)")
+    parser.add_argument("--seeds", type=positive(int), metavar="N", default=None,
+                        help="fit every scheme from seeds --seed .. --seed+N-1 and report mean and standard "
+                             "error (default: 1)")
     from . import mcmc
     mcmc.add_flags(parser)
 
 
-def choose_guides(requested: str | None, available: list[str], model_name: str, mcmc: bool = False) -> list[str]:
-    names = [g.strip() for g in (requested or "").split(",") if g.strip()] or list(available)
-    unknown = [g for g in names if g not in available]
+def choose_guides(requested: str | None, available: list[str], model_name: str, mcmc: bool = False,
+                  crossed: bool = False) -> list[str]:
+    """The guides to fit; ``crossed``: several objectives or seeds make one guide a comparison."""
+    from ppl_gen.core.protocol import AUTOGUIDES
+
+    names = [g.strip() for g in (requested or "").split(",") if g.strip()] or list(available) or ["AutoNormal"]
+    unknown = [g for g in names if g not in available and g not in AUTOGUIDES]
     if unknown:
-        raise UserError(f"unknown guide {unknown[0]!r} in --guides; {model_name} has: {', '.join(available)}")
-    if mcmc:  # VI against MCMC: one guide is a comparison
+        raise UserError(f"unknown guide {unknown[0]!r} in --guides; {model_name} has: "
+                        f"{', '.join(available) or 'none of its own'}; Pyro's automatic guides: {', '.join(AUTOGUIDES)}")
+    if mcmc or crossed:  # VI against MCMC, objectives or seeds: one guide is a comparison
         return names
+    available = available + [g for g in names if g in AUTOGUIDES]
     if len(available) < 2:
-        raise UserError(f"{model_name} declares only {len(available)} guide ({', '.join(available)}); "
-                        "inference.compare needs a model file with at least two (guides = {...}), "
-                        "or --mcmc to compare it against MCMC")
+        raise UserError(f"{model_name} declares only {len(available)} guide ({', '.join(available) or 'none'}); "
+                        "inference.compare needs two: name Pyro's automatic ones (--guides AutoNormal,"
+                        "AutoMultivariateNormal), cross objectives (--elbos), repeat seeds (--seeds), "
+                        "or add --mcmc to compare against MCMC")
     if len(names) < 2:
         raise UserError("--guides needs at least two names to compare, e.g. --guides " + ",".join(available[:2]))
     return names
@@ -84,11 +107,61 @@ def _numpyro_guides(setup, guides_flag: str | None, mcmc: bool = False) -> list[
     return runnable if not asked else list(spec.guides)
 
 
-def _fmt(value, fmt: str) -> str:
+def parse_elbos(text: str | None, default: str, default_alpha: float) -> list[tuple[str, float]]:
+    """``trace,renyi:0.5`` -> [("trace", alpha), ("renyi", 0.5)]; each name checked like --elbo."""
+    from ppl_gen.core.settings import ELBO_NAMES
+
+    out = []
+    for item in [e.strip() for e in (text or default).split(",") if e.strip()]:
+        name, _, alpha = item.partition(":")
+        if name not in ELBO_NAMES:
+            raise UserError(f"unknown objective {name!r} in --elbos; choose from {', '.join(ELBO_NAMES)} "
+                            "(renyi takes its order: renyi:0.5)")
+        if alpha and name != "renyi":
+            raise UserError(f"--elbos {item}: only renyi takes an order (renyi:ALPHA); write {name}")
+        try:
+            value = float(alpha) if alpha else default_alpha
+        except ValueError:
+            raise UserError(f"--elbos {item}: {alpha!r} is not a number; write e.g. renyi:0.5") from None
+        out.append((name, value))
+    return out
+
+
+def scheme_name(guide: str, elbo: tuple[str, float], crossed: bool) -> str:
+    if not crossed:
+        return guide
+    name, alpha = elbo
+    return f"{guide}+{name}" + (f":{alpha:g}" if name == "renyi" else "")
+
+
+def mean_and_se(runs: list[dict]) -> dict:
+    """One row from several seeds' metrics: each number's mean, ``<key>_se`` its standard error
+    s / sqrt(n) (n - 1 in s), ``<key>_values`` the seeds' own; anything else from the first run."""
+    import math
+
+    row = dict(runs[0])
+    row["seeds"] = [r["seed"] for r in runs]
+    for k, v in runs[0].items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or k == "seed":
+            continue
+        vals = [r.get(k) for r in runs]
+        if any(x is None or not isinstance(x, (int, float)) or not math.isfinite(x) for x in vals):
+            continue
+        n = len(vals)
+        mean = sum(vals) / n
+        row[k] = mean
+        if n > 1:
+            row[f"{k}_se"] = math.sqrt(sum((x - mean) ** 2 for x in vals) / (n - 1) / n)
+            row[f"{k}_values"] = vals
+    return row
+
+
+def _fmt(value, fmt: str, se=None) -> str:
     if value is None:
         return "n/a"
     try:
-        return fmt.format(value)
+        text = fmt.format(value)
+        return text if se is None else f"{text} ± {fmt.format(se)}"
     except (ValueError, TypeError):
         return str(value)
 
@@ -106,7 +179,8 @@ def table(rows: list[dict], declared=()) -> str:
     cols = [c for c in columns(declared) if any(r.get(c.key) is not None for r in rows)]
     head = "| guide | " + " | ".join(c.header for c in cols) + " |"
     rule = "|---|" + "---:|" * len(cols)
-    body = ["| " + r["guide"] + " | " + " | ".join(_fmt(r.get(c.key), c.fmt) for c in cols) + " |" for r in rows]
+    body = ["| " + r["guide"] + " | " + " | ".join(_fmt(r.get(c.key), c.fmt, r.get(f"{c.key}_se")) for c in cols)
+            + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 
@@ -123,19 +197,27 @@ def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str], s
              "Command: `python -m inference.compare " + " ".join(argv) + "`", "",
              f"Same data, seed ({settings['seed']}), ELBO estimator ({settings['elbo']}) and budget "
              f"({settings['steps']} steps) for every guide; device {first['device']}. "
-             "ELBOs and log-likelihoods are nats per data point; ms/step leaves out each run's first step "
-             "(start-up).", "", table(rows, declared), ""]
+             "ELBOs and log-likelihoods are nats per data point (the reported ELBO is the standard one whatever "
+             "the objective); ms/step leaves out each run's first step (start-up).", "", table(rows, declared), ""]
+    if len(first.get("seeds", [])) > 1:
+        lines[-2:-2] = [f"Each number is the mean ± standard error over {len(first['seeds'])} seeds "
+                        f"({', '.join(map(str, first['seeds']))}): a difference within a few standard errors "
+                        "is not a difference.", ""]
     if spec.report:
         lines += [*spec.report(rows), ""]
     lines += ["![ELBO against step and seconds](compare_elbo.png)", ""]
-    bars = plotting.compare_bars(rows, [c for c in columns(declared) if c.bar], out / "compare_heldout.png")
+    # with several seeds every seed is its own dot, so the plot shows the spread the table summarizes
+    dots = [dict(r, guide=f"{r['guide']} (seed {s})", **{k[:-7]: v[i] for k, v in r.items() if k.endswith("_values")})
+            for r in rows for i, s in enumerate(r.get("seeds", [None]))] if len(first.get("seeds", [])) > 1 else rows
+    bars = plotting.compare_bars(dots, [c for c in columns(declared) if c.bar], out / "compare_heldout.png")
     if bars:
         lines += ["![held-out metrics](compare_heldout.png)", ""]
     elif (out / "compare_heldout.png").exists():
         (out / "compare_heldout.png").unlink()  # left by an earlier session of a resumed comparison
     for r in rows:
-        pngs = sorted(p.name for p in (out / r["guide"]).glob("*.png"))
-        lines.append(f"- {r['guide']}: " + ", ".join(f"[{p}]({r['guide']}/{p})" for p in pngs))
+        folder = r.get("folder", r["guide"])
+        pngs = sorted(p.name for p in (out / folder).glob("*.png"))
+        lines.append(f"- {r['guide']}: " + ", ".join(f"[{p}]({folder}/{p})" for p in pngs))
     if mcmc_ref is not None:  # VI against a NUTS reference, with ArviZ
         from . import mcmc
 
@@ -144,7 +226,7 @@ def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str], s
         mcmc.write_json_section(out / "compare.json", info)
         mcmc_ref["info"] = info
     (out / "compare.md").write_text("\n".join(lines) + "\n")
-    plotting.compare_curves({r["guide"]: RunFolder(out / r["guide"]).read_trace() for r in rows},
+    plotting.compare_curves({r["guide"]: RunFolder(out / r.get("folder", r["guide"])).read_trace() for r in rows},
                             out / "compare_elbo.png")
 
 
@@ -167,7 +249,8 @@ def warm_up(cfg: svi.RunConfig, model_file, guide: str) -> None:
     pyro.clear_param_store()
 
 
-def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: list[str], mcmc_opts=None):
+def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: list[str], mcmc_opts=None,
+                elbos_flag: str | None = None, seeds: int | None = None):
     import torch
 
     from ppl_gen.core.pipeline import RunSetup, check_writable, is_run_folder
@@ -179,7 +262,10 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
     available = list(spec.guides)
     if cfg.backend == "numpyro":  # refuse before any training a guide NumPyro cannot run
         available = _numpyro_guides(setup, guides_flag, mcmc_opts is not None)
-    guides = choose_guides(guides_flag, available, model_file.path.name, mcmc=mcmc_opts is not None)
+    elbos = parse_elbos(elbos_flag, cfg.elbo, cfg.renyi_alpha)
+    seeds = seeds or 1
+    guides = choose_guides(guides_flag, available, model_file.path.name, mcmc=mcmc_opts is not None,
+                           crossed=len(elbos) > 1 or seeds > 1)
     if mcmc_opts is not None:  # refuse before any training: can NUTS sample this model at all?
         from . import mcmc
 
@@ -198,23 +284,36 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
                                 "replace it with --overwrite, or choose another --out")
         check_writable(out)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite", "progress")}
+    settings.update(elbos=elbos_flag, seeds=seeds)
     if not cfg.resume:  # what --resume needs, on disk before the first guide trains
         RunFolder(out).create()
         (out / "compare.json").write_text(json.dumps({"settings": settings, "guides": guides, "rows": []},
                                                      indent=2, default=str) + "\n")
     warm_up(cfg, model_file, guides[0])
     rows = []
+    crossed = len(elbos) > 1
     for name in guides:
-        print(f"== {name}", file=sys.stderr)
-        sub = out / name
-        resume = cfg.resume and (sub / "checkpoint.pt").is_file()
-        one = dataclasses.replace(cfg, guide=name, out=str(sub), resume=str(sub) if resume else None,
-                                  overwrite=cfg.overwrite or bool(cfg.resume and not resume))
-        fitted, metrics = svi.run(one, model_file)
-        metrics["ms_per_step"] = None if metrics["seconds_per_step"] is None else 1e3 * metrics["seconds_per_step"]
-        rows.append(metrics)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        for elbo, alpha in elbos:
+            label = scheme_name(name, (elbo, alpha), crossed)
+            print(f"== {label}", file=sys.stderr)
+            runs = []
+            for seed in range(cfg.seed, cfg.seed + seeds):
+                # no ':' in a folder name: a Markdown link would read "renyi:" as a URL scheme
+                safe = label.replace(":", "_")
+                folder = safe if seeds == 1 else f"{safe}/seed-{seed}"
+                sub = out / folder
+                resume = cfg.resume and (sub / "checkpoint.pt").is_file()
+                one = dataclasses.replace(cfg, guide=name, elbo=elbo, renyi_alpha=alpha, seed=seed, out=str(sub),
+                                          resume=str(sub) if resume else None,
+                                          overwrite=cfg.overwrite or bool(cfg.resume and not resume))
+                fitted, metrics = svi.run(one, model_file)
+                metrics["ms_per_step"] = (None if metrics["seconds_per_step"] is None
+                                          else 1e3 * metrics["seconds_per_step"])
+                metrics["guide"], metrics["folder"] = label, folder
+                runs.append(metrics)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            rows.append(mean_and_se(runs) if seeds > 1 else runs[0])
     mcmc_ref = None
     if mcmc_opts is not None:
         from . import mcmc
@@ -240,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         guides_flag = args.guides or (",".join(resumed["guides"]) if resumed else None)
         from . import mcmc
 
-        out, rows, spec = run_compare(cfg, model_file, guides_flag, argv, mcmc.options_from_args(args))
+        elbos_flag = args.elbos or (resumed.get("settings", {}).get("elbos") if resumed else None)
+        seeds = args.seeds or (resumed.get("settings", {}).get("seeds") if resumed else None)
+        cfg_settings = {"elbos": elbos_flag, "seeds": seeds}
+        out, rows, spec = run_compare(cfg, model_file, guides_flag, argv, mcmc.options_from_args(args),
+                                      elbos_flag=cfg_settings["elbos"], seeds=cfg_settings["seeds"])
     except UserError as e:
         svi.report_error(e, svi.wants_traceback(argv))
         return 2

@@ -256,7 +256,7 @@ def report(out: Path, rows: list[dict], ref: dict) -> tuple[list[str], dict]:
     az = import_arviz()
     vi, missing = {}, []
     for r in rows:
-        p = out / r["guide"] / "posterior.nc"
+        p = out / r.get("folder", r["guide"]) / "posterior.nc"
         if p.is_file():
             vi[r["guide"]] = az.from_netcdf(str(p))
         else:

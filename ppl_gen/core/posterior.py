@@ -21,6 +21,7 @@ library for exploratory analysis of Bayesian models in Python", JOSS 4(33):1143.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -281,14 +282,14 @@ def psis(log_weights) -> dict[str, float]:
 
     az = import_arviz()
     lw = np.asarray(log_weights, dtype=np.float64)
-    if lw.max() - lw.min() < 1e-6 * max(1.0, abs(lw.max())):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, khat = az.psislw(lw.copy())
+    khat = float(khat)
+    if not math.isfinite(khat) and lw.max() - lw.min() < 1e-6 * max(1.0, abs(lw.max())):
         # equal weights: q is the posterior up to rounding (a Gaussian posterior under its Laplace
         # approximation); the tail has no spread to fit, the Pareto shape is -infinity
         khat = float("-inf")
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _, khat = az.psislw(lw.copy())
     S = len(lw)
     log_px = float(np.logaddexp.reduce(lw) - np.log(S))
     w = np.exp(lw - lw.max())
