@@ -30,6 +30,11 @@ Goodfellow et al., section 3) instead maximizes log D(G(z)): the same fixed poin
 gradient -(1 - D(G(z))) ~ -1 where the samples are bad (``--loss non-saturating``, the
 default). ``g_logit_grad`` in trace and metrics is that gradient's mean size on each batch.
 
+Instance noise (``--instance-noise``, default 0.5): the real digits are binary and G's pixels
+grey, so a D that sees them as they are tells them apart by pixel values alone, its gradient
+to G says little, and G collapses onto a few images. D is instead shown x + sd * eps, real and
+fake alike: Proposition 1 then holds for the two noised densities, which overlap everywhere.
+
 As a Pyro model: ``model`` samples z ~ N(0, I) in the data plate and records x = G(z) with
 ``pyro.deterministic`` (nothing is observed: there is no likelihood to observe it with), and
 the guide is q(z) = p(z) (a GAN infers nothing about z), so the ELBO is identically 0 and the
@@ -72,16 +77,28 @@ class Options:
         "help": "the generator's loss: -log D(G(z)) (non-saturating) or log(1 - D(G(z))) (minimax)",
         "choices": LOSSES})
     d_steps: int = field(default=1, metadata={"help": "discriminator steps per generator step (k)"})
+    # binary real pixels against G's grey ones: without noise D separates the two supports by
+    # the pixel values alone and G collapses onto a few images
+    instance_noise: float = field(default=0.5, metadata={
+        "help": "sd of the Gaussian noise added to every image D sees in training, real and fake "
+                "(instance noise: 0 for the plain game)"})
     # DCGAN's Adam: rate 2e-4 and beta_1 = 0.5, for both players; the runner's --lr is one
     # rate and the game has two
     g_lr: float = field(default=2e-4, metadata={"help": "Adam's rate for theta_g"})
     d_lr: float = field(default=2e-4, metadata={"help": "Adam's rate for theta_d"})
     beta1: float = field(default=0.5, metadata={"help": "Adam's beta_1 for both players"})
     samples: int = field(default=64, metadata={"help": "images in samples.png and in the D(G(z)) estimate"})
+    score: bool = field(default=True, metadata={
+        "help": "score samples against held-out images (ppl_gen.core.sample_score: Fréchet distance and MMD "
+                "in a classifier's features, trained on first use and cached in runs/.cache/sample_score/)"})
+    score_samples: int = field(default=500, metadata={"help": "samples and held-out images the score compares"})
     snapshot_images: int = field(default=8, metadata={
         "help": "images of a fixed z kept at steps 1, 3, 10, 30, ... for training_samples.png"})
 
     def validate(self):
+        if self.score and self.score_samples < 2:
+            raise UserError(f"--score-samples must be at least 2 (the score fits a covariance), "
+                            f"got {self.score_samples}")
         for name in ("latent_dim", "samples", "d_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -91,6 +108,8 @@ class Options:
         for name in ("g_lr", "d_lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.instance_noise >= 0:
+            raise UserError(f"--instance-noise must be at least 0, got {self.instance_noise}")
         if not 0 <= self.beta1 < 1:
             raise UserError(f"--beta1 must be in [0, 1), got {self.beta1}")
         if self.snapshot_images < 0:
@@ -234,19 +253,26 @@ class AlternatingUpdates:
         self.history: dict[str, list[float]] = {k: [] for k in self.KEYS}
         self.snapshots: dict[int, torch.Tensor] = {}
 
+    def noisy(self, x: torch.Tensor) -> torch.Tensor:
+        """x + sd * eps, what D sees in training: the game is then played between p_data and p_g
+        each convolved with N(0, sd^2 I), whose supports overlap (Arjovsky & Bottou 2017, "Towards
+        principled methods for training GANs", ICLR; Sønderby et al. 2017's instance noise)."""
+        sd = self.gan.options.instance_noise
+        return x + sd * torch.randn_like(x) if sd > 0 else x
+
     def __call__(self, x: torch.Tensor, idx, size: int, t: int) -> float:
-        G, D, o = self.gan.G, self.gan.D, self.gan.options
+        G, D, o, noisy = self.gan.G, self.gan.D, self.gan.options, self.noisy
         n = len(x)
         with torch.enable_grad():
             for _ in range(self.k):
                 z = torch.randn(n, o.latent_dim, device=x.device, dtype=x.dtype)
-                real_logit, fake_logit = D(x), D(G(z).detach())
+                real_logit, fake_logit = D(noisy(x)), D(noisy(G(z).detach()))
                 d_loss = discriminator_loss(real_logit, fake_logit)
                 self.opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 self.opt_d.step()
             z = torch.randn(n, o.latent_dim, device=x.device, dtype=x.dtype)
-            fake_logit = D(G(z))
+            fake_logit = D(noisy(G(z)))
             g_loss = generator_loss(fake_logit, self.loss_name)
             self.opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
@@ -306,13 +332,27 @@ class GANFile:
                "g_logit_grad_final": _tail_mean(h["g_logit_grad"]),
                "d_loss_at_equilibrium": math.log(4.0)}
         self.samples = gan.sample(gan.options.samples, real)
+        # D was trained on noised images (instance noise): it is asked about the same
+        noisy, D = self.update.noisy, gan.D
         with torch.no_grad():
-            out["d_real_heldout"] = torch.sigmoid(torch.cat([gan.D(c) for c in real.split(4096)])).mean().item()
-            out["d_real_train"] = torch.sigmoid(torch.cat([gan.D(c) for c in x_train.split(4096)])).mean().item()
-            out["d_fake"] = torch.sigmoid(gan.D(self.samples)).mean().item()
-        # against memorization: how far a sample is from the training image nearest to it
-        d = torch.cdist(self.samples, x_train[:20000].to(self.samples.dtype))
-        out["nearest_train_distance"] = d.min(1).values.mean().item()
+            out["d_real_heldout"] = torch.sigmoid(torch.cat([D(noisy(c)) for c in real.split(4096)])).mean().item()
+            out["d_real_train"] = torch.sigmoid(torch.cat([D(noisy(c)) for c in x_train.split(4096)])).mean().item()
+            out["d_fake"] = torch.sigmoid(D(noisy(self.samples))).mean().item()
+        if gan.options.score and run.dataset.labels_train is not None:
+            from ppl_gen.core.sample_score import sample_score
+
+            x = gan.sample(gan.options.score_samples, real)
+            if bool(((x_train == 0) | (x_train == 1)).all()):
+                # binary data were binarized at 1/2: G's grey images are scored after the same map,
+                # so that the classifier's features see images of the kind it was trained on
+                x = (x > 0.5).to(x.dtype)
+                out["sample_score_of"] = "G(z) binarized at 1/2, as the data were"
+            out.update(sample_score(x, run.dataset, n=gan.options.score_samples))
+        else:
+            from ppl_gen.core.sample_score import nearest_distance
+
+            # against memorization: how far a sample is from the training image nearest to it
+            out["nearest_train_distance"] = nearest_distance(self.samples, x_train[:20000])
         if run.trace:
             out["train_seconds"] = float(run.trace[-1]["seconds"])
         return out
@@ -407,5 +447,8 @@ def build(options: Options, dataset: Dataset) -> Spec:
                          Metric("d_fake", "D(G(z)), samples", "{:.3f}"),
                          Metric("d_loss_final", "D's loss -V", "{:.3f}"),
                          Metric("g_loss_final", "G's loss", "{:.3f}"),
+                         Metric("sample_fd", "Fréchet distance, samples to held-out", "{:.2f}",
+                                higher_is_better=False, bar=True),
+                         Metric("sample_mmd_p_value", "MMD p-value", "{:.3f}"),
                          Metric("nearest_train_distance", "sample to nearest training image (L2)", "{:.3f}"),
                          Metric("train_seconds", "training s", "{:.1f}", higher_is_better=False)))

@@ -13,7 +13,7 @@ import torch
 from inference.svi import main as svi_main
 from models import gan as gan_file
 
-TINY = ["--width", "4", "--latent-dim", "2", "--samples", "4", "--snapshot-images", "2", "--threads", "1"]
+TINY = ["--width", "4", "--latent-dim", "2", "--samples", "4", "--snapshot-images", "2", "--no-score", "--threads", "1"]
 
 
 def _normal_pdf(x, mu, sd):
@@ -129,8 +129,18 @@ def test_runs_on_each_device(device, tmp_path):
     from inference.svi import RunConfig, run
 
     cfg = RunConfig(model_file=gan_file.__file__, steps=2, device=device.type, out=str(tmp_path / "r"),
-                    progress=False, options={"width": 4, "latent_dim": 2, "samples": 4, "snapshot_images": 2})
+                    progress=False, options={"width": 4, "latent_dim": 2, "samples": 4, "snapshot_images": 2, "score": False})
     fitted, metrics = run(cfg)
     assert all(p.device.type == device.type for _, p in pyro.get_param_store().named_parameters())
     assert metrics["device"].startswith(device.type) and metrics["test_elbo"] is None
     assert 0 < metrics["d_fake"] < 1
+
+
+@pytest.mark.parametrize("H,W", [(8, 8), (28, 28), (12, 20)])
+def test_generator_and_discriminator_fit_the_image_size(H, W):
+    """G maps z to (n, H*W) intensities in [0, 1] and D maps them to one logit each, for the digits'
+    8x8, Fashion-MNIST's 28x28 and a non-square size."""
+    gan = gan_file.GAN(H, W, gan_file.Options(width=8, latent_dim=3))
+    x = gan.sample(5, torch.zeros(1))
+    assert x.shape == (5, H * W) and 0 <= x.min() and x.max() <= 1
+    assert gan.D(x).shape == (5,)
