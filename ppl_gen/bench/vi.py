@@ -178,7 +178,7 @@ def plot_gradients(result: dict, path: Path) -> Path:
         v = [result["by_samples"][n][key] for n in s]
         ax.loglog(s, v, "o-", color=f"C{k}", label=name)
     ax.set_xlabel("samples z ~ q per gradient estimate")
-    ax.set_ylabel("variance of grad_lambda ELBO (mean over coordinates)")
+    ax.set_ylabel("variance of the gradient estimate\n(mean over coordinates of lambda)")
     ax.set_title(f"VAE on held-out digits ({result['points']} points, {result['draws']} estimates each)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
