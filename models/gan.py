@@ -28,7 +28,7 @@ saturates: early in training D rejects the samples, D(G(z)) ~ 0, where the gradi
 log(1 - D) with respect to D's logit, -D(G(z)), vanishes. The lecture's slide (and
 Goodfellow et al., section 3) instead maximizes log D(G(z)): the same fixed point, a
 gradient -(1 - D(G(z))) ~ -1 where the samples are bad (``--loss non-saturating``, the
-default). ``g_logit_grad`` in trace and metrics is that gradient's mean size on each batch.
+default). ``g_logit_grad_final`` in metrics.json is that gradient's mean size over the last batches.
 
 Instance noise (``--instance-noise``, default 0.5): the real digits are binary and G's pixels
 grey, so a D that sees them as they are tells them apart by pixel values alone, its gradient

@@ -129,7 +129,8 @@ def test_runs_on_each_device(device, tmp_path):
     from inference.svi import RunConfig, run
 
     cfg = RunConfig(model_file=gan_file.__file__, steps=2, device=device.type, out=str(tmp_path / "r"),
-                    progress=False, options={"width": 4, "latent_dim": 2, "samples": 4, "snapshot_images": 2, "score": False})
+                    progress=False,
+                    options={"width": 4, "latent_dim": 2, "samples": 4, "snapshot_images": 2, "score": False})
     fitted, metrics = run(cfg)
     assert all(p.device.type == device.type for _, p in pyro.get_param_store().named_parameters())
     assert metrics["device"].startswith(device.type) and metrics["test_elbo"] is None
