@@ -33,7 +33,7 @@ from . import svi
 COLUMNS = (
     Metric("train_elbo", "train ELBO", "{:.3f}", higher_is_better=True),
     Metric("test_elbo", "held-out ELBO", "{:.3f}", higher_is_better=True, bar=True),
-    Metric("psis_khat", "PSIS k-hat", "{:.2f}", higher_is_better=False, bar=True),
+    Metric("psis_khat", "PSIS k-hat", "{:.2f}", higher_is_better=False),
     Metric("iw_log_evidence", "IW log p(x)", "{:.3f}", higher_is_better=True),
     Metric("is_ess", "IS ESS", "{:.0f}", higher_is_better=True),
     Metric("seconds", "train seconds", "{:.1f}", higher_is_better=False),
@@ -75,7 +75,7 @@ def choose_guides(requested: str | None, available: list[str], model_name: str, 
         raise UserError(f"{model_name} declares only {len(available)} guide ({', '.join(available) or 'none'}); "
                         "inference.compare needs two: name Pyro's automatic ones (--guides AutoNormal,"
                         "AutoMultivariateNormal), cross objectives (--elbos), repeat seeds (--seeds), "
-                        "or add --mcmc to compare against MCMC")
+                        "or --mcmc to compare it against MCMC")
     if len(names) < 2:
         raise UserError("--guides needs at least two names to compare, e.g. --guides " + ",".join(available[:2]))
     return names
@@ -148,6 +148,8 @@ def mean_and_se(runs: list[dict]) -> dict:
         if any(x is None or not isinstance(x, (int, float)) or not math.isfinite(x) for x in vals):
             continue
         n = len(vals)
+        if max(vals) == min(vals):  # the same in every seed (a parameter count): no interval to show
+            continue
         mean = sum(vals) / n
         row[k] = mean
         if n > 1:

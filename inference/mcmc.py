@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pyro
+import pyro.poutine as poutine
 import torch
 
 from ppl_gen.core.errors import UserError
@@ -73,16 +74,25 @@ def options_from_args(args) -> MCMCOptions | None:
 
 
 # ---------------------------------------------------------------- can NUTS do it?
+# NUTS samples every latent number jointly: local ones (one per data point, eight schools' effects)
+# are sampled with the global ones up to this many latent numbers in all
+NUTS_MAX = 1_000
+
+
 def check_model(model, x: torch.Tensor, file_name: str) -> dict:
-    """The model's global latents, or a UserError saying why NUTS cannot sample this model."""
-    model_trace = trace_model(model, x)
+    """The model's latents (global, and local ones up to NUTS_MAX numbers in all), or a
+    UserError saying why NUTS cannot sample this model."""
+    with torch.no_grad():
+        model_trace = poutine.trace(model).get_trace(x)  # the whole data, as NUTS will see them
     glob, local = split_latents(model_trace)
     if local:
-        n = sum(site["value"].numel() for site in local.values())
-        names = ", ".join(local)
-        raise UserError(f"--mcmc: {file_name} has local latent variables ({names}: one per data point, "
-                        f"{n:,} values on these data); NUTS samples every latent jointly and does not scale "
-                        "with the data, so --mcmc is for models with global latents only")
+        n = sum(site["value"].numel() for site in (*glob.values(), *local.values()))
+        if n > NUTS_MAX:
+            names = ", ".join(local)
+            raise UserError(f"--mcmc: {file_name} has local latent variables ({names}: one per data point), "
+                            f"{n:,} latent numbers in all on these data; NUTS samples them jointly and is "
+                            f"offered up to {NUTS_MAX:,}: use fewer data points (--data) or compare guides without --mcmc")
+        glob = {**glob, **local}
     params = [name for name, site in model_trace.nodes.items() if site["type"] == "param"]
     if params:
         shown = ", ".join(params[:3]) + (", ..." if len(params) > 3 else "")
@@ -114,7 +124,8 @@ def run_nuts(model, x: torch.Tensor, opts: MCMCOptions, seed: int = 0, custom_di
     from pyro.infer import MCMC, NUTS
 
     sites = check_model(model, x, file_name)
-    model_trace = trace_model(model, x)
+    with torch.no_grad():
+        model_trace = poutine.trace(model).get_trace(x)
     dims, coords = {}, {}
     for name, site in sites.items():
         dims[name], c = site_dims(name, site, custom_dims)

@@ -22,6 +22,7 @@ library for exploratory analysis of Bayesian models in Python", JOSS 4(33):1143.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -153,15 +154,10 @@ def guide_draws(model: Callable, guide: Callable, x: torch.Tensor, num_draws: in
     glob, local = split_latents(model_trace)
     if not glob:
         return None
-    if local and local_max:
-        probe = args[0].shape[0]
-        if sum(s["value"].numel() for s in local.values()) * x.shape[0] / probe <= local_max:
-            if probe < x.shape[0]:  # the probe saw a few rows; draw them for the whole set
-                args, kwargs = (x if device is None else x.to(device),), {}
-                with torch.no_grad():
-                    g = poutine.trace(guide).get_trace(*args)
-                    model_trace = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args)
-                glob, local = split_latents(model_trace)
+    # local latents where the guide already sees the whole data set (not a minibatch probe, which
+    # would hold a few rows of them), up to local_max numbers
+    if local and local_max and args[0].shape[0] == x.shape[0]:
+        if sum(s["value"].numel() for s in local.values()) <= local_max:
             glob = {**glob, **local}
     dims, coords = {}, {}
     for name, site in glob.items():
@@ -225,6 +221,9 @@ KHAT_GOOD, KHAT_USABLE = 0.5, 0.7
 # the diagnostic weighs every latent number of the whole training set at once; beyond this many
 # the weights of any guide are degenerate and the check says nothing, so it is skipped
 DIAGNOSE_MAX = 10_000
+# a guide that cannot be vectorized over draws is run one draw at a time, for at most this long
+LOOP_SECONDS = 5.0
+MIN_DRAWS = 100
 
 
 def verdict(khat: float | None) -> str:
@@ -266,11 +265,15 @@ def log_importance_weights(model: Callable, guide: Callable, x: torch.Tensor, nu
                 return lw
         except Exception:  # a guide written for one draw need not broadcast over a leading dimension
             pass
-        out = []
-        for _ in range(num_draws):
-            g = poutine.trace(guide).get_trace(x)
-            m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x)
-            out.append(m.log_prob_sum() - g.log_prob_sum())
+        out, deadline = [], time.perf_counter() + LOOP_SECONDS
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(num_draws):
+                g = poutine.trace(guide).get_trace(x)
+                m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x)
+                out.append(m.log_prob_sum() - g.log_prob_sum())
+                if time.perf_counter() > deadline:  # fewer draws rather than a slow finish
+                    break
         return torch.stack(out)
 
 
@@ -319,6 +322,9 @@ def diagnose(model: Callable, guide: Callable, x: torch.Tensor, num_draws: int =
         if size > DIAGNOSE_MAX:
             return {"diagnostics_skipped": f"{size} latent numbers on the training set, more than {DIAGNOSE_MAX}"}
         lw = log_importance_weights(model, guide, x, num_draws)
+    if len(lw) < min(MIN_DRAWS, num_draws):
+        return {"diagnostics_skipped": f"only {len(lw)} draws in {LOOP_SECONDS:.0f} s (the guide is run one draw "
+                                       "at a time)"}
     d = psis(lw.cpu())
     return {"psis_khat": d["khat"] if d["khat"] > float("-inf") else None, "iw_log_evidence": d["log_px"] / x.shape[0], "is_ess": d["ess"],
             "is_draws": d["draws"], "psis_verdict": verdict(d["khat"])}
