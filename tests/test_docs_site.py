@@ -16,8 +16,10 @@ DOCS = ROOT / "docs"
 
 def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="the docs extra (pip install -e '.[docs]') is not installed")
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(DOCS / "mkdocs.yml"),
-                        "-d", str(tmp_path / "site")], capture_output=True, text=True, cwd=tmp_path)
+    # run from inside docs/, as the README says: MkDocs refuses a docs_dir that is the folder of an
+    # absolute config path, and docs_dir "." keeps pages and configuration together
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", "mkdocs.yml",
+                        "-d", str(tmp_path / "site")], capture_output=True, text=True, cwd=DOCS)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "site" / "index.html").is_file()
     assert (tmp_path / "site" / "variational-inference" / "index.html").is_file()
