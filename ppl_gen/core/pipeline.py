@@ -468,6 +468,12 @@ def _finish(setup: RunSetup, folder, config: dict, evaluate: Callable, title: st
         with torch.random.fork_rng(devices=devices), model_code(setup.mf.path, "in plots()"):
             seed_everything(cfg.seed)
             spec.plots(fitted, folder.path)
+    from ppl_gen.core.pictures import model_pictures
+
+    # model.png and guide.png, drawn from the code (pyro.render_model); without graphviz, one note
+    pictures = model_pictures(spec, setup.guide, ds, folder.path)
+    if isinstance(pictures, str):
+        print(f"note: {pictures}", file=sys.stderr)
     from ppl_gen.core.posterior import diagnose, save_guide_posterior
 
     # does the fit work? PSIS against the model (Yao et al. 2018); any failure is reported, not raised:
