@@ -222,7 +222,7 @@ KHAT_GOOD, KHAT_USABLE = 0.5, 0.7
 # the weights of any guide are degenerate and the check says nothing, so it is skipped
 DIAGNOSE_MAX = 10_000
 # a guide that cannot be vectorized over draws is run one draw at a time, for at most this long
-LOOP_SECONDS = 5.0
+LOOP_SECONDS = 2.0
 MIN_DRAWS = 100
 
 
