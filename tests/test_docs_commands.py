@@ -22,7 +22,8 @@ BUDGET = {"vae.py": ["--ll-samples", "5", "--ll-points", "20", "--gap-points", "
           "vqvae.py": ["--prior-steps", "3", "--samples", "4"],
           "pixelcnn.py": ["--samples", "4", "--completions", "1"],
           "diffusion.py": ["--T", "10", "--test-points", "30", "--samples", "4"],
-          "gan.py": ["--no-score", "--samples", "8"]}
+          "gan.py": ["--no-score", "--samples", "8"],
+          "eight_schools.py": ["--diagnostic-draws", "100", "--eval-particles", "2"]}
 ENTRY = {"inference.svi": svi_main, "inference.compare": compare_main}
 
 
