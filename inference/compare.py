@@ -255,7 +255,7 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
                 elbos_flag: str | None = None, seeds: int | None = None):
     import torch
 
-    from ppl_gen.core.pipeline import RunSetup, check_writable, is_run_folder
+    from ppl_gen.core.pipeline import RunSetup, check_new_out
     from ppl_gen.core.rundir import RunFolder, default_out_dir
 
     # the guide names come from a build on the real data, as the runs will see them
@@ -278,13 +278,7 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
         out = Path(cfg.resume)
     else:
         out = Path(cfg.out) if cfg.out else default_out_dir(f"compare-{model_file.name}")
-        if out.exists() and any(out.iterdir()):
-            if not is_run_folder(out):
-                raise UserError(f"--out {out} holds files that are not a comparison; choose a new or empty folder")
-            if not cfg.overwrite:
-                raise UserError(f"--out {out} already holds a comparison; continue it with --resume {out}, "
-                                "replace it with --overwrite, or choose another --out")
-        check_writable(out)
+        check_new_out(out, cfg.overwrite, what="comparison")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite", "progress")}
     settings.update(elbos=elbos_flag, seeds=seeds)
     if not cfg.resume:  # what --resume needs, on disk before the first guide trains

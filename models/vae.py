@@ -107,12 +107,7 @@ DEFAULTS = {"steps": 3000, "lr": 1e-3, "batch_size": 128}
 
 def data(spec: str | None = None, options: Options | None = None):
     """Binarized images: digits (default), fashion-mnist, an IDX folder or an .npz."""
-    ds = load_images(spec)
-    if options is not None and options.test_points and ds.test is not None:
-        ds.test = ds.test[: options.test_points]
-        ds.labels_test = None if ds.labels_test is None else ds.labels_test[: options.test_points]
-        ds.meta["test_points"] = len(ds.test)
-    return ds
+    return load_images(spec, test_points=options.test_points if options is not None else 0)
 
 
 class Encoder(nn.Module):

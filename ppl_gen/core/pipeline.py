@@ -208,17 +208,23 @@ def plan_folder(cfg: RunConfig, mf: ModelFile):
                             "checkpoint); start it again without --resume")
         return folder
     path = Path(cfg.out) if cfg.out else default_out_dir(mf.name)
+    check_new_out(path, cfg.overwrite)
+    return RunFolder(path)
+
+
+def check_new_out(path: Path, overwrite: bool, what: str = "run") -> None:
+    """A new run (or comparison) may go to ``path``: it is new or empty, or holds a run and
+    --overwrite says to replace it; and it can be written. Anything else is one error line."""
     if path.exists():
         if not path.is_dir():
             raise UserError(f"--out {path} exists and is not a folder; choose another path")
         if any(path.iterdir()):
             if not is_run_folder(path):
-                raise UserError(f"--out {path} holds files that are not a run; choose a new or empty folder")
-            if not cfg.overwrite:
-                raise UserError(f"--out {path} already holds a run; continue it with --resume {path}, "
+                raise UserError(f"--out {path} holds files that are not a {what}; choose a new or empty folder")
+            if not overwrite:
+                raise UserError(f"--out {path} already holds a {what}; continue it with --resume {path}, "
                                 "replace it with --overwrite, or choose another --out")
     check_writable(path)
-    return RunFolder(path)
 
 
 def new_config(setup: RunSetup, batch_size: int, extra: dict | None = None) -> dict:

@@ -138,8 +138,18 @@ def _images_from_arrays(arrays: dict[str, Any], name: str, source: str) -> Datas
                    name=name, meta={"shape": shape or [int(np.prod(x_train.shape[1:]))], "source": source})
 
 
-def load_images(spec: str | None) -> Dataset:
-    """Resolve an image ``--data SPEC``: None/``digits``, ``fashion-mnist``, an IDX folder, an ``.npz``."""
+def load_images(spec: str | None, test_points: int = 0) -> Dataset:
+    """Resolve an image ``--data SPEC``: None/``digits``, ``fashion-mnist``, an IDX folder, an ``.npz``.
+    ``test_points``: keep only the first N held-out images (0: all), for quick held-out numbers."""
+    ds = _load_images(spec)
+    if test_points and ds.test is not None:
+        ds.test = ds.test[:test_points]
+        ds.labels_test = None if ds.labels_test is None else ds.labels_test[:test_points]
+        ds.meta["test_points"] = len(ds.test)
+    return ds
+
+
+def _load_images(spec: str | None) -> Dataset:
     if spec in (None, "", "digits"):
         return load_digits()
     if spec == "fashion-mnist":
