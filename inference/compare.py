@@ -73,7 +73,7 @@ def choose_guides(requested: str | None, available: list[str], model_name: str, 
     available = available + [g for g in names if g in AUTOGUIDES]
     if len(available) < 2:
         raise UserError(f"{model_name} declares only {len(available)} guide ({', '.join(available) or 'none'}); "
-                        "inference.compare needs two: name Pyro's automatic ones (--guides AutoNormal,"
+                        "inference.compare needs at least two schemes: name Pyro's automatic ones (--guides AutoNormal,"
                         "AutoMultivariateNormal), cross objectives (--elbos), repeat seeds (--seeds), "
                         "or --mcmc to compare it against MCMC")
     if len(names) < 2:
