@@ -10,15 +10,9 @@ Statistical Science 22). theta is kept as a deterministic site, so posterior sum
 
 import pyro
 import pyro.distributions as dist
-import torch
 
-Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
-SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
-DEFAULTS = {"steps": 3000, "lr": 0.02}
-
-
-def data():
-    return torch.tensor(Y)
+# the same data, the same runner defaults: only the parametrization differs
+from models.zoo.eight_schools import DEFAULTS, SIGMA, Y, data  # noqa: F401
 
 
 def model(y):
