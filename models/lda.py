@@ -226,6 +226,57 @@ class LDA:
         with self._words(n, x, idx, size):
             pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})
 
+    def _bag(self, x: torch.Tensor) -> lda.Bag:
+        """x's nonzero entries, kept for the last x seen (full-batch steps see the same x every step)."""
+        key = (x.data_ptr(), tuple(x.shape), x._version, x.device)
+        if getattr(self, "_bag_key", None) != key:
+            self._bag_key, self._bag_value = key, lda.Bag.of(x)
+        return self._bag_value
+
+    def _local_gamma(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The explicit guide's local step: each gamma_m at its optimum given the topics, by the
+        E-step from a flat start (``lda.sparse_e_step``: ``lda.e_step`` from the nonzero counts)."""
+        return lda.sparse_e_step(self._bag(x), lam.detach(), self.alpha, iters=self.options.cavi_iters)[0]
+
+    def _encoded(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The amortized guide's gamma = encoder(x), with the module in Pyro's store (as :meth:`amortized`)."""
+        pyro.module("encoder", self.encoder)
+        self.encoder.train(torch.is_grad_enabled())
+        return self.encoder(x)
+
+    # -- the fused loss ----------------------------------------------------------------
+    def fused_loss(self, gamma_of: Callable, x: torch.Tensor, idx: torch.Tensor | None = None,
+                   size: int | None = None) -> torch.Tensor:
+        """-ELBO of ``model`` with the explicit or amortized guide, the number TraceEnum_ELBO's
+        ``differentiable_loss`` returns, draw for draw (the same two draws in the same order:
+        beta ~ Dir(lambda), then theta ~ Dir(gamma)) and with the same gradients, written out
+        instead of traced. ``gamma_of(x, lambda)`` is the guide's gamma (:meth:`_local_gamma`,
+        :meth:`_encoded`). With phi at its optimum and detached, the enumerated sum over z is
+
+            sum_mvk n_mv phi_mvk (log theta_mk + log beta_kv - log phi_mvk)
+              = sum_mk t_mk log theta_mk + sum_kv s_kv log beta_kv - sum_mvk n_mv phi_mvk log phi_mvk
+
+        with s and t phi's expected counts (``lda.phi_stats``, from the nonzero counts only), plus
+        log p(beta) - log q(beta) + log p(theta) - log q(theta); document terms scaled by D / B
+        in a minibatch, as ``data_plate`` and the word plate's scale do. The traced form stays the
+        definition; tests/models/test_lda_fast.py checks value and gradients against it."""
+        lam = pyro.param("lambda", lambda: self.eta + self.lambda0.clone(),
+                         constraint=dist.constraints.greater_than(self.eta))
+        q_beta = dist.Dirichlet(lam.double())
+        beta = q_beta.rsample()                                                     # [K, V]
+        gamma = gamma_of(x, lam)
+        q_theta = dist.Dirichlet(gamma.double())
+        theta = q_theta.rsample()                                                   # [B, K]
+        g, l = gamma.detach().double(), lam.detach().double()
+        s, t, log_norm = lda.phi_stats(self._bag(x), g, l)
+        # sum n phi log phi = sum t E[log theta] + sum s E[log beta] - sum n log norm (lda.phi_stats)
+        words = ((t * (theta.log() - lda.expected_log(g))).sum() + (s * (beta.log() - lda.expected_log(l))).sum()
+                 + log_norm.sum())
+        topics = (dist.Dirichlet(l.new_full((self.V,), self.eta)).log_prob(beta) - q_beta.log_prob(beta)).sum()
+        docs = (dist.Dirichlet(g.new_full((self.K,), self.alpha)).log_prob(theta) - q_theta.log_prob(theta)).sum()
+        scale = 1.0 if idx is None else size / x.shape[0]
+        return -(topics + scale * (words + docs))
+
     # -- guides --------------------------------------------------------------------
     def explicit(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
         """q(theta_m) = Dir(gamma_m), one gamma_m per document, found for that document alone.
@@ -241,7 +292,7 @@ class LDA:
         lam = self._q_beta(x)
         # the optimum of each document's ELBO in gamma_m with the topics fixed; no gradient flows
         # into it: by the envelope theorem the gradient in lambda at the optimum is the total one
-        gamma = lda.e_step(x, lam.detach(), self.alpha, iters=self.options.cavi_iters)[0]
+        gamma = self._local_gamma(x, lam)
         with data_plate(x, idx, size, name="documents"):
             pyro.sample("theta", dist.Dirichlet(gamma.double()))
         self._q_z(x, idx, size, gamma, lam)
@@ -287,12 +338,14 @@ class LDA:
         store = pyro.get_param_store()
         lam, gamma = pyro.param("lambda").detach(), pyro.param("gamma").detach().clone()
         rows = slice(None) if idx is None else idx
-        lam, gamma[rows] = lda.cavi_step(x, lam, None if t == 1 else gamma[rows], self.alpha, self.eta,
+        lam, gamma[rows] = lda.sparse_cavi_step(self._bag(x), lam, None if t == 1 else gamma[rows], self.alpha, self.eta,
                                          size=None if idx is None else size, t=t, iters=self.options.cavi_iters)
         # strictly inside lambda > eta, gamma > alpha, where the store's log(lambda - eta) is finite
         store["lambda"] = torch.maximum(lam, torch.nextafter(lam.new_tensor(self.eta), lam.new_tensor(1.0)) * 1.0001)
         store["gamma"] = torch.maximum(gamma, gamma.new_tensor(self.alpha) * 1.0001)
-        return -lda.elbo(x, gamma[rows], lam, self.alpha, self.eta, None if idx is None else size).item()
+        scale = 1.0 if idx is None else size / x.shape[0]
+        words = lda.sparse_local_elbo(self._bag(x), gamma[rows], lam, self.alpha).sum()
+        return -(scale * words - lda.kl_topics(lam, self.eta)).item()   # lda.elbo, from the nonzero counts
 
     # -- each scheme's own inference of theta for new documents -------------------------
     @torch.no_grad()
@@ -309,7 +362,7 @@ class LDA:
     def e_step(self, x: torch.Tensor) -> torch.Tensor:
         """gamma_m at its optimum given the topics, by coordinate ascent (explicit, CAVI)."""
         iters = self.options.cavi_iters
-        return self._by_chunks(lambda chunk, lam: lda.e_step(chunk, lam, self.alpha, iters=iters)[0], x)
+        return self._by_chunks(lambda chunk, lam: lda.sparse_e_step(chunk, lam, self.alpha, iters=iters)[0], x)
 
     def fit_gamma(self, x: torch.Tensor) -> torch.Tensor:
         """gamma_m by ``local_steps`` Adam steps with the topics fixed (explicit, --local-update adam)."""
@@ -328,9 +381,10 @@ class LDA:
             explicit = LDAGuide(self.explicit, infer=self.fit_gamma, **rows,
                                 heldout=lambda x: partial(self.fixed, self.fit_gamma(x)))
         else:  # gamma_m is recomputed from (x_m, lambda) at each visit: new documents are no different
-            explicit = LDAGuide(self.explicit, infer=self.e_step)
+            explicit = LDAGuide(self.explicit, infer=self.e_step, loss=partial(self.fused_loss, self._local_gamma))
         return {"explicit": explicit,
-                "amortized": LDAGuide(self.amortized, infer=self.encode, encoder=self.encoder),
+                "amortized": LDAGuide(self.amortized, infer=self.encode, encoder=self.encoder,
+                                      loss=partial(self.fused_loss, self._encoded)),
                 "cavi": LDAGuide(self.free, infer=self.e_step, update=self.cavi_update, **rows,
                                  heldout=lambda x: partial(self.fixed, self.e_step(x)))}
 
@@ -342,7 +396,7 @@ class LDA:
         train = ds.train
         gamma = guide.train_gamma(train)
         # the mean-field ELBO (lda.elbo), its document terms summed chunk by chunk
-        words = sum(lda.local_elbo(chunk, gamma[i * CHUNK:(i + 1) * CHUNK], lam, self.alpha).sum()
+        words = sum(lda.sparse_local_elbo(chunk, gamma[i * CHUNK:(i + 1) * CHUNK], lam, self.alpha).sum()
                     for i, chunk in enumerate(self._chunks(train)))
         out = {"train_elbo_per_token": (words - lda.kl_topics(lam, self.eta)).item() / train.sum().item(),
                "npmi": lda.npmi(lam.to(train.device), train).mean().item(),   # where the counts are
@@ -381,6 +435,10 @@ class LDAGuide(Guide):
 
     infer: Callable[[torch.Tensor], torch.Tensor] | None = None
     encoder: nn.Module | None = None
+    # loss(x, idx, size) -> -ELBO: TraceEnum_ELBO's differentiable loss on (model, fn), the same
+    # value and gradients for the same draws, computed without tracing (LDA.fused_loss); a
+    # training step may call it instead of the ELBO (python -m ppl_gen.bench lda does)
+    loss: Callable | None = None
 
     @torch.no_grad()
     def train_gamma(self, x: torch.Tensor) -> torch.Tensor:
