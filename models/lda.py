@@ -228,6 +228,8 @@ class LDA:
 
     def _bag(self, x: torch.Tensor) -> lda.Bag:
         """x's nonzero entries, kept for the last x seen (full-batch steps see the same x every step)."""
+        if isinstance(x, lda.Bag) or x.layout == torch.sparse_csr:   # streamed sparse batches (bench lda)
+            return lda.Bag.of(x)
         key = (x.data_ptr(), tuple(x.shape), x._version, x.device)
         if getattr(self, "_bag_key", None) != key:
             self._bag_key, self._bag_value = key, lda.Bag.of(x)
@@ -242,7 +244,7 @@ class LDA:
         """The amortized guide's gamma = encoder(x), with the module in Pyro's store (as :meth:`amortized`)."""
         pyro.module("encoder", self.encoder)
         self.encoder.train(torch.is_grad_enabled())
-        return self.encoder(x)
+        return self.encoder(x.csr.to_dense() if isinstance(x, lda.Bag) else x)
 
     # -- the fused loss ----------------------------------------------------------------
     def fused_loss(self, gamma_of: Callable, x: torch.Tensor, idx: torch.Tensor | None = None,

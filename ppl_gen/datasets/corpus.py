@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,9 @@ import numpy as np
 import torch
 
 from ppl_gen.core.errors import UserError
+
+# torch marks sparse CSR tensors as beta with a warning on first use (SparseCorpus.rows)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 @dataclass
@@ -209,3 +213,74 @@ def document_halves(counts: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, 
     half.index_add_(0, doc[first] * V + word[first], torch.ones(int(first.sum()), dtype=torch.float64))
     first_half = half.reshape(D, V).to(counts)
     return first_half, counts - first_half
+
+
+@dataclass
+class SparseCorpus:
+    """A count matrix too large to hold dense, by its nonzero entries in CSR form: the entries of
+    document m are ``cols[crow[m]:crow[m + 1]]`` (words) with ``counts[...]`` (how often). Compact
+    types (int16 columns and counts where they fit) keep 1,000,000 documents x 10,000 words,
+    100 words each, near 0.4 GB where the dense float32 matrix would take 40 GB."""
+
+    crow: torch.Tensor          # [D + 1] int64
+    cols: torch.Tensor          # [P] int16 (V <= 32,767) or int32
+    counts: torch.Tensor        # [P] int16 (counts <= 32,767) or int32
+    vocab_size: int
+    true_topics: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.crow) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.cols, self.counts))
+
+    def rows(self, start: int, stop: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Documents start..stop-1 as a float32 sparse CSR tensor [stop - start, V] (on ``device``)."""
+        a, b = int(self.crow[start]), int(self.crow[stop])
+        crow = self.crow[start:stop + 1] - a
+        t = torch.sparse_csr_tensor(crow, self.cols[a:b].long(), self.counts[a:b].float(),
+                                    (stop - start, self.vocab_size), check_invariants=False)
+        return t if device is None else t.to(device, non_blocking=True)
+
+    @classmethod
+    def from_dense(cls, x: torch.Tensor) -> "SparseCorpus":
+        csr = x.to_sparse_csr()
+        return cls(csr.crow_indices(), _compact(csr.col_indices()), _compact(csr.values().round().long()),
+                   x.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        return self.rows(0, len(self)).to_dense()
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int16) if t.numel() == 0 or int(t.max()) < 2 ** 15 else t.to(torch.int32)
+
+
+def sample_sparse_corpus(docs: int, vocab: int, topics: int, words: int, alpha: float, eta: float,
+                         seed: int = 0, chunk: int = 50_000) -> SparseCorpus:
+    """Documents drawn from LDA itself, as :func:`sample_corpus` draws them (the same model; other
+    draws), ``chunk`` documents at a time straight into CSR form, so that memory never holds a
+    dense [docs, vocab] matrix: each token's topic z ~ Cat(theta_m), its word x ~ Cat(beta_z),
+    then the (document, word) pairs are counted."""
+    g = torch.Generator().manual_seed(seed)
+    beta = torch._standard_gamma(torch.full((topics, vocab), eta, dtype=torch.float64), generator=g).clamp(min=1e-300)
+    beta = beta / beta.sum(-1, keepdim=True)
+    crows, cols, counts = [torch.zeros(1, dtype=torch.int64)], [], []
+    offset = 0
+    for start in range(0, docs, chunk):
+        c = min(chunk, docs - start)
+        theta = torch._standard_gamma(torch.full((c, topics), alpha, dtype=torch.float64), generator=g).clamp(min=1e-300)
+        z = torch.multinomial(theta / theta.sum(-1, keepdim=True), words, replacement=True, generator=g)   # [c, N]
+        x = torch.empty_like(z)
+        for k in range(topics):
+            at = z == k
+            x[at] = torch.multinomial(beta[k], int(at.sum()), replacement=True, generator=g) if at.any() else x[at]
+        key = (torch.arange(c)[:, None] * vocab + x).reshape(-1)
+        pairs, n = torch.unique(key, sorted=True, return_counts=True)
+        per_doc = torch.bincount(pairs // vocab, minlength=c)
+        crows.append(offset + torch.cumsum(per_doc, 0))
+        offset += len(pairs)
+        cols.append((pairs % vocab).to(torch.int16 if vocab < 2 ** 15 else torch.int32))
+        counts.append(n.to(torch.int16 if words < 2 ** 15 else torch.int32))
+    return SparseCorpus(torch.cat(crows), torch.cat(cols), torch.cat(counts), vocab, beta.float())
