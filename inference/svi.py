@@ -117,6 +117,10 @@ def resolve_config(args: argparse.Namespace, model_file, resumed: dict) -> RunCo
 
 
 def report_error(e: UserError, show_traceback: bool) -> None:
+    from ppl_gen.core.distributed import prints_errors
+
+    if not prints_errors():  # under torchrun, rank 0 says it once
+        return
     if show_traceback:
         traceback.print_exception(e.__cause__ or e)
     print(f"error: {e}", file=sys.stderr)
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         report_error(e, wants_traceback(argv))
         return 2
-    print(summary(metrics, fitted.out))
+    if fitted is not None:  # None: a rank other than 0 under torchrun
+        print(summary(metrics, fitted.out))
     return 0
 
 

@@ -112,11 +112,12 @@ class RunSetup:
               dataset: Dataset | None = None) -> "RunSetup":
         """``guide``: set up this guide instead of cfg's; ``dataset``: use these data instead of
         calling ``data()`` (a benchmark's synthetic data), checked and fingerprinted alike."""
+        from ppl_gen.core import distributed
         from ppl_gen.core.device import resolve_device, seed_everything
 
         quiet_libraries()
         mf = mf or load_model_file(cfg.model_file)
-        device = resolve_device(cfg.device)
+        device = distributed.rank_device(resolve_device(cfg.device))  # under torchrun: this rank's GPU
         torch.set_num_threads(cfg.threads or (1 if device.type == "cpu" else torch.get_num_threads()))
         if cfg.data_on_host and cfg.batch_size is None:
             raise UserError("--data-on-host copies one minibatch at a time to the device: give --batch-size")
@@ -141,7 +142,7 @@ class RunSetup:
         if name in AUTOGUIDES and name not in spec.guides:
             with model_code(mf.path, f"tracing the model for {name}"):
                 spec.auto[name] = autoguide(name, spec.model, dataset.train, mf.path.name, rank=cfg.rank,
-                                            batched=cfg.batch_size is not None
+                                            batched=distributed.world() is not None or cfg.batch_size is not None
                                             and cfg.batch_size < dataset.train.shape[0])
         return cls(cfg=cfg, mf=mf, device=device, options=options, dataset=dataset, spec=spec,
                    guide_name=name, guide=spec.resolve(name), fingerprint=fingerprint)
@@ -228,6 +229,7 @@ def check_new_out(path: Path, overwrite: bool, what: str = "run") -> None:
 
 
 def new_config(setup: RunSetup, batch_size: int, extra: dict | None = None) -> dict:
+    from ppl_gen.core.distributed import world_size
     from ppl_gen.core.rundir import package_versions
 
     cfg, device, ds = setup.cfg, setup.device, setup.dataset
@@ -238,11 +240,13 @@ def new_config(setup: RunSetup, batch_size: int, extra: dict | None = None) -> d
             "threads": torch.get_num_threads(), **(extra or {}),
             "data": {"name": ds.name, "train": len(ds.train), "test": 0 if ds.test is None else len(ds.test),
                      "fingerprint": setup.fingerprint, **ds.meta},
-            "batch_size_used": batch_size, "world_size": 1, "versions": package_versions(), "argv": sys.argv,
+            "batch_size_used": batch_size, "world_size": world_size(), "versions": package_versions(), "argv": sys.argv,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def resumed_config(folder, setup: RunSetup, start: int) -> dict:
+    from ppl_gen.core.distributed import world_size
+
     config = folder.read_json("config.json")
     old = config.get("data", {}).get("fingerprint")
     if old and old != setup.fingerprint:
@@ -250,6 +254,7 @@ def resumed_config(folder, setup: RunSetup, start: int) -> dict:
                         f"was trained on {old}); resume with the same data, or start a new run")
     if start < setup.cfg.steps:
         config.setdefault("resumed", []).append({"from_step": start, "to_step": setup.cfg.steps, "argv": sys.argv,
+                                                 "world_size": world_size(),
                                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     config["settings"]["steps"] = setup.cfg.steps
     config["settings"]["lr"] = setup.cfg.lr
@@ -296,15 +301,24 @@ def per_step_seconds(trace: list[dict], session_starts: list[int]) -> tuple[floa
 
 # ---------------------------------------------------------------- the run
 def run(cfg: RunConfig, mf: ModelFile | None = None):
-    """Fit ``cfg.model_file`` and write the run folder; returns (FittedRun, metrics)."""
+    """Fit ``cfg.model_file`` and write the run folder; returns (FittedRun, metrics). Under
+    torchrun (ppl_gen.core.distributed) every rank trains its shard, rank 0 alone writes the
+    folder and finishes the run; the other ranks return (None, None)."""
     from ppl_gen.backends import get_backend
+    from ppl_gen.core import distributed
 
+    world = distributed.world()
+    if world:
+        cfg = distributed.check_config(cfg, world)
     mf = mf or load_model_file(cfg.model_file)
     backend = get_backend(cfg.backend)
     folder = plan_folder(cfg, mf)
     setup = RunSetup.build(cfg, mf)
     backend.check(setup)
     trainer = backend.trainer(setup)
+    if world:
+        trainer = distributed.start(setup, trainer, world)
+    writer = folder if not world or world.main else distributed.NullFolder(folder)
     start, config = 0, None
     if cfg.resume:
         state = folder.load_checkpoint(map_location=setup.device)
@@ -316,15 +330,21 @@ def run(cfg: RunConfig, mf: ModelFile | None = None):
                             f"its final evaluation) or more")
         config = resumed_config(folder, setup, start)
         if start < cfg.steps:
-            folder.start_trace(keep_until_step=start)
-        folder.write_json("config.json", config)
+            writer.start_trace(keep_until_step=start)
+        writer.write_json("config.json", config)
     else:
         config = new_config(setup, trainer.schedule.batch_size, backend.extra_config(setup))
-    evaluate = heldout_evaluator(setup, before=lambda: backend.sync(trainer))
+    evaluate = (distributed.heldout_evaluator(setup, trainer) if world else
+                heldout_evaluator(setup, before=lambda: backend.sync(trainer)))
     if start < cfg.steps:
-        train_loop(setup, trainer, folder, evaluate, start, config, desc=f"{mf.name}/{setup.guide_name}"
+        train_loop(setup, trainer, writer, evaluate, start, config, desc=f"{mf.name}/{setup.guide_name}"
                    + backend.suffix)
     backend.sync(trainer)
+    if world:  # rank 0 finishes alone, with the full tables of per-point parameters
+        trainer.unshard()
+        if not world.main:
+            return None, None
+        evaluate = heldout_evaluator(setup)
     if setup.guide.fitted is not None:
         with model_code(mf.path, f"forming the fitted {setup.guide_name}"):
             setup.guide = Guide(fn=setup.guide.fitted(setup.dataset.train))
@@ -335,6 +355,8 @@ def run(cfg: RunConfig, mf: ModelFile | None = None):
 
 def _open_new(folder, config: dict) -> None:
     """Create the run folder once the first step has succeeded (replacing a run only with --overwrite)."""
+    if not getattr(folder, "writes", True):  # a rank other than 0 under torchrun
+        return
     if folder.path.exists() and any(folder.path.iterdir()):
         shutil.rmtree(folder.path)  # plan_folder allowed this: a run folder, and --overwrite
     folder.create()

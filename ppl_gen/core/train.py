@@ -255,6 +255,17 @@ class Trainer:
         """One gradient step; returns -ELBO per data point (the batch's estimate)."""
         if self.update is not None:
             return self._closed_form_step(t)
+        value = self._backward(t)
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the loss became {value} at step {t}")
+        self._sync_optimizer()
+        self.optim.step()
+        return value / self.n
+
+    def _backward(self, t: int) -> float:
+        """The batch's -ELBO at step t, its gradients in the parameters' ``.grad`` (none when the
+        loss is not finite); the step itself is the caller's (ppl_gen.core.distributed sums the
+        ranks' gradients first)."""
         # Pyro's argument and support checks catch most mistakes in a model file on the
         # first step; afterwards they cost ~30% of a small VAE's step, so they go off.
         # NaN is reported by TrainingDiverged below, naming the step; Pyro's own warning
@@ -282,11 +293,7 @@ class Trainer:
                 raise UserError("--elbo meanfield needs a guide whose every sample is reparameterized; this "
                                 "guide samples discrete variables: use --elbo enum (exact sum) or --elbo "
                                 "tracegraph (score function)") from None
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the loss became {value} at step {t}")
-        self._sync_optimizer()
-        self.optim.step()
-        return value / self.n
+        return value
 
     def _closed_form_step(self, t: int) -> float:
         """``update(x, idx, size, t) -> -ELBO`` changes the guide's parameters in place (in
