@@ -338,8 +338,31 @@ def posterior_summary(idata, max_rows: int = 200):
     az = import_arviz()
     q = {"q5%": lambda v: np.quantile(v, 0.05), "q50%": lambda v: np.quantile(v, 0.5),
          "q95%": lambda v: np.quantile(v, 0.95)}
+    idata = first_numbers(idata, max_rows)  # ArviZ's stat_funcs visit one number at a time
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         table = az.summary(idata, kind="stats", stat_funcs=q, extend=False, round_to="none")
         stats = az.summary(idata, kind="stats", round_to="none")[["mean", "sd"]]
     return stats.join(table).head(max_rows)
+
+
+def first_numbers(idata, count: int):
+    """The posterior cut to (at least) its first ``count`` latent numbers in the summary's order
+    (variables in turn, each in row-major order), cut along each variable's first dimension."""
+    post, keep, left = idata.posterior, {}, count
+    for name, var in post.data_vars.items():
+        if left <= 0:
+            break
+        dims = [d for d in var.dims if d not in ("chain", "draw")]
+        size = math.prod(var.sizes[d] for d in dims)
+        if size <= left or not dims:
+            keep[name] = var
+        else:
+            per_row = size // var.sizes[dims[0]]
+            keep[name] = var.isel({dims[0]: slice(0, -(-left // per_row))})
+        left -= min(size, left)
+    if len(keep) == len(post.data_vars) and all(keep[k].size == post[k].size for k in keep):
+        return idata
+    import xarray as xr
+
+    return idata.__class__(posterior=xr.Dataset(keep, attrs=post.attrs))

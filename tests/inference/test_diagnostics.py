@@ -103,3 +103,21 @@ def test_objective_refusals(tmp_path, capsys):
     assert "--num-particles 2 or more" in error("--elbo", "tail-adaptive")
     assert "use --elbo trace" in error("--elbo", "renyi", "--renyi-alpha", "1")
     assert "drop --jit" in error("--elbo", "renyi", "--jit")
+
+
+def test_posterior_summary_of_many_latent_numbers_is_numpys_on_the_first_rows():
+    """A latent table too big to summarize whole: the first 200 rows, in ArviZ's order, with
+    numpy's mean, sd (ddof 1, as ArviZ) and quantiles of the same draws as the oracle."""
+    import numpy as np
+
+    from ppl_gen.core.posterior import posterior_summary, to_inference_data
+
+    rng = np.random.default_rng(0)
+    draws = {"a": rng.normal(size=(50, 3)), "theta": rng.gamma(2.0, size=(50, 60, 40))}
+    table = posterior_summary(to_inference_data(draws, {"a": ["i"], "theta": ["c", "k"]}, {}))
+    assert len(table) == 200 and table.index[3] == "theta[0, 0]" and table.index[-1] == "theta[4, 36]"
+    for label, values in (("a[2]", draws["a"][:, 2]), ("theta[4, 36]", draws["theta"][:, 4, 36])):
+        row = table.loc[label]
+        np.testing.assert_allclose([row["mean"], row["sd"], row["q5%"], row["q50%"], row["q95%"]],
+                                   [values.mean(), values.std(ddof=1), *np.quantile(values, [0.05, 0.5, 0.95])],
+                                   rtol=1e-9)
