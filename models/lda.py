@@ -230,9 +230,11 @@ class LDA:
         """x's nonzero entries, kept for the last x seen (full-batch steps see the same x every step)."""
         if isinstance(x, lda.Bag) or x.layout == torch.sparse_csr:   # streamed sparse batches (bench lda)
             return lda.Bag.of(x)
-        key = (x.data_ptr(), tuple(x.shape), x._version, x.device)
-        if getattr(self, "_bag_key", None) != key:
-            self._bag_key, self._bag_value = key, lda.Bag.of(x)
+        if type(x) is not torch.Tensor:   # pyro.render_model's provenance-tracking subclass: its values
+            x = x.as_subclass(torch.Tensor)  # (the picture needs no edge from the data into the E-step)
+        # the tensor itself is held, so that no other batch can take its memory (and its data_ptr)
+        if getattr(self, "_bag_x", None) is not x or self._bag_version != x._version:
+            self._bag_x, self._bag_version, self._bag_value = x, x._version, lda.Bag.of(x)
         return self._bag_value
 
     def _local_gamma(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

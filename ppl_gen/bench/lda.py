@@ -115,10 +115,10 @@ def _sklearn(corpus, K, alpha, eta, iters, infer_docs, seed: int = 0) -> dict:
 
 def _reuters(args, out: Path, rows: dict) -> None:
     reuters = load_reuters()
-    sk = _sklearn(reuters, 20, 0.1, 0.01, args.cavi_steps, 1000)
+    sk = _sklearn(reuters, 20, 0.1, 0.01, args.cavi_steps, args.infer_docs)
     rows["reuters"].append(sk)
     target = 1.05 * sk["test_perplexity"]   # target 1: within 5% of scikit-learn's held-out perplexity
-    base = {"topics": 20, "alpha": 0.1, "eta": 0.01, "infer_docs": 1000}
+    base = {"topics": 20, "alpha": 0.1, "eta": 0.01, "infer_docs": args.infer_docs}
     common = dict(out=out / "reuters", target=target, device=args.device)
     rows["reuters"].append(_scheme("cavi", "reuters", args.cavi_steps, None, 0.05, options=base,
                                    eval_every=max(args.eval_every * args.cavi_steps // args.svi_steps, 1), **common))
@@ -208,6 +208,7 @@ def main(argv=None) -> int:
                    help="Reuters: held-out perplexity every N SVI steps (not timed), for the time to target")
     p.add_argument("--traced", action="store_true",
                    help="Reuters: also fit explicit and amortized with Pyro's traced TraceEnum_ELBO (slow)")
+    p.add_argument("--infer-docs", type=int, default=1000, help="Reuters: documents timed for 's to infer 1,000 docs'")
     p.add_argument("--device", default="cpu", help="where the schemes compute (scikit-learn: the CPU)")
     p.add_argument("--skip-large", action="store_true", help="leave out the large sparse corpus")
     p.add_argument("--large-docs", type=int, default=1_000_000)
