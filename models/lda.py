@@ -240,7 +240,8 @@ class LDA:
     def _local_gamma(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """The explicit guide's local step: each gamma_m at its optimum given the topics, by the
         E-step from a flat start (``lda.sparse_e_step``: ``lda.e_step`` from the nonzero counts)."""
-        return lda.sparse_e_step(self._bag(x), lam.detach(), self.alpha, iters=self.options.cavi_iters)[0]
+        lam = lam.detach().as_subclass(torch.Tensor)   # plain values (render_model's provenance tensors)
+        return lda.sparse_e_step(self._bag(x), lam, self.alpha, iters=self.options.cavi_iters)[0]
 
     def _encoded(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """The amortized guide's gamma = encoder(x), with the module in Pyro's store (as :meth:`amortized`)."""
