@@ -12,3 +12,16 @@ def test_alarm_marginals_agree_with_pgmpy():
     assert r["max_abs_marginal_difference"] < 1e-8
     assert r["ppl_gen_seconds"] > 0 and r["pgmpy_seconds"] > 0
 
+
+
+def test_gpu_check_refuses_without_a_gpu(capsys):
+    """python -m ppl_gen.bench gpu on a machine without CUDA: one error line, exit code 2."""
+    import torch
+
+    from ppl_gen.bench import gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the check would run")
+    assert gpu.main(["--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "CUDA GPU" in err[0]
