@@ -5,6 +5,7 @@
     python -m inference.compare models/vae.py --data fashion-mnist --device cuda --steps 20000
     python -m inference.compare --resume runs/compare-vae-20261121-120000 --steps 6000
     python -m inference.compare my_model.py --guides AutoNormal,AutoMultivariateNormal --elbos trace,renyi:0.5 --seeds 5
+    python -m inference.compare models/vae.py models/pixelcnn.py models/vqvae.py models/diffusion.py models/gan.py
 
 Takes every flag of ``python -m inference.svi`` (they apply to every guide alike) plus
 ``--guides`` (the file's guides and Pyro's automatic ones), ``--elbos`` (objectives crossed with
@@ -15,6 +16,10 @@ itself in ``OUT/``: compare.json, compare.md, compare_elbo.png (ELBO against ste
 against training seconds), compare_heldout.png (the model file's declared metrics).
 The table's columns are the runner's own numbers and the metrics the model file declares
 (``Spec.metrics``); the file may add paragraphs (``Spec.report``).
+
+Given several model files, it fits each with its own defaults on the same data and sets the
+generative families side by side instead (``inference.families``: the kind of density, held-out
+nats per image and bits per dimension, one sample score, sampling and training seconds).
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ def _guides_flag(parser):
                              "error (default: 1)")
     from . import mcmc
     mcmc.add_flags(parser)
+    families = parser.add_argument_group("several model files (the generative families side by side)")
+    families.add_argument("--sample-images", type=positive(int), metavar="N", default=None,
+                          help="images each fitted model draws for the grid and the sampling time (default: 64)")
+    families.add_argument("--score-images", type=positive(int), metavar="N", default=None,
+                          help="samples and held-out images the sample score compares (default: 500)")
+    families.add_argument("--no-sample-score", action="store_true", help="leave the sample score out")
 
 
 def choose_guides(requested: str | None, available: list[str], model_name: str, mcmc: bool = False,
@@ -323,11 +334,23 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from . import families
+
+    try:
+        several = families.is_families(argv)
+    except UserError as e:
+        svi.report_error(e, svi.wants_traceback(argv))
+        return 2
+    if several:  # several model files: the generative families side by side
+        return families.main(argv)
     try:
         args, model_file, resumed = svi.parse_args(argv, prog="python -m inference.compare",
                                                    description=__doc__, extra_flags=_guides_flag)
         if args.guide:
             raise UserError("inference.compare takes --guides (a list), not --guide")
+        if args.sample_images or args.score_images or args.no_sample_score:
+            raise UserError("--sample-images, --score-images and --no-sample-score belong to a comparison of several "
+                            "model files (python -m inference.compare A.py B.py ...); drop them for one file")
         if args.resume and not resumed.get("guides"):
             raise UserError(f"--resume {args.resume} is not a comparison folder (no compare.json with its guides); "
                             "resume one guide's run with python -m inference.svi --resume DIR")

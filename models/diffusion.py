@@ -454,6 +454,14 @@ class DiffusionFile:
         self.diffusion = Diffusion(self.net, schedule, levels=2, loss=options.loss, variance=options.variance,
                                    predict=options.predict)
         self._terms = None
+        self.like = dataset.train
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n draws x_0 ~ p_theta(x_0 | x_1) at the end of the reverse chain: binary pixels, drawn
+        from the decoder's P(x_0 = 1) (the sample grids show that probability itself)."""
+        with torch.no_grad():
+            p, _ = self.diffusion.sample(n, self.like)
+            return torch.bernoulli(p)
 
     def evaluate(self, run) -> dict:
         x = run.dataset.test
@@ -554,7 +562,8 @@ def build(options: Options, dataset) -> Spec:
     f = DiffusionFile(options, dataset)
     d = f.diffusion
     return Spec(model=d.model, guides={"forward": d.guide}, evaluate=f.evaluate, plots=f.plots,
-                description=__doc__.split("\n")[0],
+                description=__doc__.split("\n")[0], density="bound", heldout_log_density=("test_elbo_full", "test_elbo"),
+                sample=f.sample,
                 metrics=(Metric("test_elbo_full", "held-out ELBO, all t (nats/image)", "{:.2f}", higher_is_better=True),
                          Metric("test_bits_per_dim", "held-out bits/dim", "{:.3f}", higher_is_better=False, bar=True),
                          Metric("sample_seconds_per_image", "sampling s/image", "{:.4f}", higher_is_better=False)))

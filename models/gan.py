@@ -317,9 +317,18 @@ def _tail_mean(values: list[float], window: int = 50) -> float | None:
 class GANFile:
     """evaluate and plots of a trained GAN."""
 
-    def __init__(self, gan: GAN, update: AlternatingUpdates):
+    def __init__(self, gan: GAN, update: AlternatingUpdates, x_train: torch.Tensor):
         self.gan, self.update = gan, update
         self.samples: torch.Tensor | None = None
+        self.x_train = x_train
+        # binary data were binarized at 1/2: G's grey images are compared after the same map, so
+        # that a score's features see images of the kind the data are
+        self.binary = bool(((x_train == 0) | (x_train == 1)).all())
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n images x = G(z) in the data's form (binarized at 1/2 where the data are binary)."""
+        x = self.gan.sample(n, self.x_train)
+        return (x > 0.5).to(x.dtype) if self.binary else x
 
     def evaluate(self, run) -> dict:
         gan, h = self.gan, self.update.history
@@ -341,13 +350,10 @@ class GANFile:
         if gan.options.score and run.dataset.labels_train is not None:
             from ppl_gen.core.sample_score import sample_score
 
-            x = gan.sample(gan.options.score_samples, real)
-            if bool(((x_train == 0) | (x_train == 1)).all()):
-                # binary data were binarized at 1/2: G's grey images are scored after the same map,
-                # so that the classifier's features see images of the kind it was trained on
-                x = (x > 0.5).to(x.dtype)
+            if self.binary:
                 out["sample_score_of"] = "G(z) binarized at 1/2, as the data were"
-            out.update(sample_score(x, run.dataset, n=gan.options.score_samples))
+            out.update(sample_score(self.sample(gan.options.score_samples), run.dataset,
+                                    n=gan.options.score_samples))
         else:
             from ppl_gen.core.sample_score import nearest_distance
 
@@ -439,10 +445,10 @@ def build(options: Options, dataset: Dataset) -> Spec:
     H, W = image_shape(dataset)
     gan = GAN(H, W, options, dataset.device)
     update = AlternatingUpdates(gan, dataset.train)
-    shown = GANFile(gan, update)
+    shown = GANFile(gan, update, dataset.train)
     return Spec(model=gan.model, guides={"discriminator": Guide(fn=gan.guide, update=update)},
                 evaluate=shown.evaluate, plots=shown.plots, description=__doc__.split("\n")[0],
-                likelihood=False,
+                likelihood=False, density="implicit", sample=shown.sample,
                 metrics=(Metric("d_real_heldout", "D(x), held-out real", "{:.3f}"),
                          Metric("d_fake", "D(G(z)), samples", "{:.3f}"),
                          Metric("d_loss_final", "D's loss -V", "{:.3f}"),

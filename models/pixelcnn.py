@@ -246,7 +246,8 @@ def build(options: Options, dataset: Dataset) -> Spec:
     H, W = image_shape(dataset)
     pcnn = PixelCNNModel(H, W, options, dataset.device)
     return Spec(model=pcnn.model, guides={"none": pcnn.guide}, evaluate=pcnn.evaluate, plots=pcnn.plots,
-                description=__doc__.split("\n")[0],
+                description=__doc__.split("\n")[0], density="exact", heldout_log_density=("test_log_likelihood",),
+                sample=lambda n: pcnn.sample(n, dataset.train),
                 metrics=(Metric("test_log_likelihood", "held-out log p(x) (nats/image, exact)", "{:.2f}",
                                 higher_is_better=True, bar=True),
                          Metric("test_bits_per_dim", "held-out bits/dim", "{:.4f}", higher_is_better=False),

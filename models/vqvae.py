@@ -427,7 +427,9 @@ def build(options: Options, dataset: Dataset) -> Spec:
     vq = VQVAE(H, W, options, dataset.device)
     nats = "nats/image"
     return Spec(model=vq.model, guides={"nearest": vq.guide}, evaluate=vq.evaluate, plots=vq.plots,
-                description=__doc__.split("\n")[0],
+                description=__doc__.split("\n")[0], density="bound",
+                heldout_log_density=("test_elbo_learned_prior", "test_elbo_uniform_prior"),
+                sample=lambda n: torch.bernoulli(vq.sample_images(n, "learned" if vq.prior_fitted else "uniform")),
                 metrics=(Metric("test_reconstruction", f"held-out log p(x|z*) ({nats})", "{:.2f}", True),
                          Metric("test_elbo_uniform_prior", f"ELBO, uniform prior ({nats})", "{:.2f}", True),
                          Metric("test_bits_per_dim_uniform_prior", "bits/dim, uniform prior", "{:.4f}", False),

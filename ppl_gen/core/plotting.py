@@ -46,18 +46,25 @@ def elbo_curve(trace: list[dict], path: Path, title: str = "") -> Path:
     return path
 
 
-def image_grid(images: torch.Tensor, shape: list[int], path: Path, title: str = "",
-               nrow: int | None = None, row_labels: list[str] | None = None) -> Path:
-    """Tile flat images (n, H*W) with values in [0, 1] into one grayscale PNG."""
+def tile(images: torch.Tensor, shape: list[int], nrow: int) -> np.ndarray:
+    """Flat images (n, H*W) as one canvas of ``nrow`` rows, with light grey gutters."""
     imgs = images.detach().float().cpu().reshape(-1, *shape).numpy()
-    n = len(imgs)
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    ncol = int(np.ceil(n / nrow))
+    ncol = int(np.ceil(len(imgs) / nrow))
     h, w = shape
-    canvas = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1), 0.15)  # light grey gutters
+    canvas = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1), 0.15)
     for k, img in enumerate(imgs):
         r, c = divmod(k, ncol)
         canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = img
+    return canvas
+
+
+def image_grid(images: torch.Tensor, shape: list[int], path: Path, title: str = "",
+               nrow: int | None = None, row_labels: list[str] | None = None) -> Path:
+    """Tile flat images (n, H*W) with values in [0, 1] into one grayscale PNG."""
+    n = len(images)
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    h, w = shape
+    canvas = tile(images, shape, nrow)
     # pixels become inches at a rate that keeps 8x8 digits legible and 28x28 grids on a page
     inch = min(1 / 12, 9 / canvas.shape[1], 9 / canvas.shape[0])
     fig, ax = plt.subplots(figsize=(max(canvas.shape[1] * inch + 1.2, 5.0), canvas.shape[0] * inch + 0.8))
@@ -195,6 +202,21 @@ def posterior_panels(panels: list[dict], path: Path, title: str = "") -> Path:
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.text(0.5, 0.01, "grey: p(z | x) on a grid (darker = more mass); lines: q's 1-sd (solid) and 2-sd (dotted) "
              "ellipses", ha="center", fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sample_panels(panels: dict, shape: list[int], path: Path, title: str = "") -> Path:
+    """One square grid of flat images (n, H*W), values in [0, 1], per named panel, side by side."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 0.4, 3.0), squeeze=False)
+    for ax, (name, images) in zip(axes[0], panels.items()):
+        ax.imshow(tile(images, shape, int(np.ceil(np.sqrt(len(images))))), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

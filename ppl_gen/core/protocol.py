@@ -83,6 +83,9 @@ class Guide:
         return self.fn(*args, **kwargs)
 
 
+DENSITIES = ("exact", "bound", "implicit")
+
+
 @dataclass
 class Spec:
     """Everything the runner needs from a model file, once built.
@@ -121,11 +124,25 @@ class Spec:
     # False for an implicit model (a GAN's x = G(z)): no density is written down, so the runner
     # reports no ELBO and no log-likelihood for it
     likelihood: bool = True
+    # the lecture's taxonomy of generative models: "exact" (a tractable density: PixelCNN), "bound"
+    # (a variational bound on it: VAE, VQ-VAE, diffusion) or "implicit" (samples only: a GAN);
+    # by default "bound" for a model with a likelihood, else "implicit"
+    density: str = ""
+    # keys of evaluate()'s metrics holding the held-out log density (or its bound) in nats per data
+    # point, the first present wins; the runner's held-out ELBO ("test_elbo") by default
+    heldout_log_density: tuple[str, ...] = ("test_elbo",)
+    # sample(n) -> n draws x ~ p_theta(x) from the fitted model, flat (n, D), in the data's own form
+    # (binary pixels for binarized images): what inference.compare's families table scores and shows
+    sample: Callable[[int], torch.Tensor] | None = None
 
     # Pyro's automatic guides set up for this run (by ppl_gen.core.pipeline), by class name
     auto: dict[str, "Guide"] = field(default_factory=dict)
 
     def __post_init__(self):
+        if not self.density:
+            self.density = "bound" if self.likelihood else "implicit"
+        if self.density not in DENSITIES:
+            raise UserError(f"Spec(density={self.density!r}): choose one of {', '.join(DENSITIES)}")
         if self.default_guide is None:
             # a file with no guide of its own is fitted by the mean-field Gaussian (ADVI)
             self.default_guide = next(iter(self.guides)) if self.guides else "AutoNormal"
