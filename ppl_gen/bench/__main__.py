@@ -16,6 +16,7 @@ BENCHES = {
     "startup": "a 1-step run of the README's model file against import pyro",
     "vi": "KL(q||p) against KL(p||q) on a bimodal target; score-function against reparameterized gradients",
     "gpu": "every CUDA test and the GPU benchmarks (VAE, LDA, PixelCNN, diffusion) in one JSON and one table",
+    "distributed": "data-parallel SVI (torchrun, gloo): steps/s and samples/s on 1 and 2 ranks, VAE and LDA",
     "figures": "regenerate every figure in docs/figures from the code (--out DIR)",
     "snapshot": "every model file's tiny default run, metrics compared with an earlier snapshot",
 }
