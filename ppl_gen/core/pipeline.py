@@ -138,6 +138,8 @@ class RunSetup:
         if cfg.data_on_host and not spec.streams:
             raise UserError(f"{mf.path.name} evaluates on its whole data set at once and does not support "
                             "--data-on-host; drop the flag")
+        if not spec.likelihood:
+            refuse_density_settings(cfg, mf)
         name = guide or cfg.guide or spec.default_guide
         if name in AUTOGUIDES and name not in spec.guides:
             with model_code(mf.path, f"tracing the model for {name}"):
@@ -150,6 +152,24 @@ class RunSetup:
     @property
     def title(self) -> str:
         return f"{self.mf.name} / {self.guide_name} / {self.cfg.elbo}"
+
+
+# settings that mean something only for a model with a density: what each would have set
+DENSITY_SETTINGS = {"elbo": "the ELBO estimator", "renyi_alpha": "the Renyi bound's order",
+                    "num_particles": "ELBO samples per step", "eval_particles": "the held-out ELBO's samples",
+                    "diagnostic_draws": "the PSIS check of p(x, z) / q(z)", "lr": "the one Adam rate"}
+
+
+def refuse_density_settings(cfg: RunConfig, mf: ModelFile) -> None:
+    """An implicit model has no log-likelihood: a setting that only means something for one,
+    changed from its default, is refused rather than silently ignored."""
+    from ppl_gen.core.settings import DEFAULTS
+
+    for key, what in DENSITY_SETTINGS.items():
+        if getattr(cfg, key) != mf.defaults.get(key, DEFAULTS[key]):
+            fix = ("its own options set its optimizers' rates (see --help)" if key == "lr" else "drop it")
+            raise UserError(f"{mf.path.name} is an implicit model (it draws samples; no density is written down), "
+                            f"so it has no log-likelihood and --{key.replace('_', '-')} ({what}) does not apply; {fix}")
 
 
 # ---------------------------------------------------------------- the model and guide agree

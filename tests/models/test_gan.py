@@ -145,3 +145,13 @@ def test_generator_and_discriminator_fit_the_image_size(H, W):
     x = gan.sample(5, torch.zeros(1))
     assert x.shape == (5, H * W) and 0 <= x.min() and x.max() <= 1
     assert gan.D(x).shape == (5,)
+
+
+def test_settings_that_need_a_likelihood_are_refused(tmp_path, capsys):
+    """A GAN has no density: --elbo, --eval-particles, --lr ... are one error line each, before any work."""
+    for flag, value in (("--elbo", "meanfield"), ("--eval-particles", "5"), ("--diagnostic-draws", "50"),
+                        ("--lr", "0.01")):
+        code = svi_main([gan_file.__file__, flag, value, "--steps", "2", "--out", str(tmp_path / "r")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: gan.py is an implicit model") and f"{flag} (" in err, err
+        assert len(err.splitlines()) == 1 and not (tmp_path / "r").exists()
