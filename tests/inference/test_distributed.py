@@ -349,5 +349,27 @@ def test_a_model_file_that_does_not_minibatch_is_refused(monkeypatch, capsys, tm
     assert len(err) == 1 and err[0].startswith("error: whole.py: the model takes only x"), err
 
 
+def test_the_torchrun_commands_of_docs_scaling_are_valid(monkeypatch):
+    """Every `torchrun ... -m inference.svi` line on docs/scaling.md parses, and its batch size
+    splits over its ranks (its figures come from the benchmark's own commands; the resume and
+    the one-process and two-rank runs above run the same code)."""
+    import shlex
+
+    from inference.svi import parse_args, resolve_config
+    from ppl_gen.core.distributed import World, check_config
+
+    monkeypatch.chdir(ROOT)
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", (ROOT / "docs" / "scaling.md").read_text(), re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    commands = [shlex.split(line) for line in lines if line.startswith("torchrun ")]
+    assert len(commands) >= 4
+    for words in commands:
+        ranks, argv = int(words[words.index("--nproc-per-node") + 1]), words[words.index("inference.svi") + 1:]
+        if "--resume" in argv:
+            continue
+        args, model_file, resumed = parse_args(argv)
+        check_config(resolve_config(args, model_file, resumed), World(rank=0, size=ranks))
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["equal"]:
     _equality_worker(sys.argv[2])
