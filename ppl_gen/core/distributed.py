@@ -281,7 +281,7 @@ class DistributedTrainer(Trainer):
 
     def _args(self, t: int):
         if self.sites is None:
-            self.sites = classify_sites(self.user_model, self.x, self.n, self.path)
+            self.sites = classify_sites(self.user_model, self.x[:1].to(self.device), self.n, self.path)
         idx = self.schedule(t)
         device = self.x.device
         if idx is None:  # the whole data set each step: every rank its whole shard
