@@ -266,6 +266,8 @@ class DistributedTrainer(Trainer):
         self.x, self.n = base.x[self.lo:self.hi], self.hi - self.lo
         self.user_model, self.user_guide = base.model, base.guide
         self.model, self.guide = self._scaled(base.model), self._scaled(base.guide)
+        # a guide's own written-out loss (Guide.loss) would bypass RankScale: Pyro's ELBO, rescaled
+        self.fused_loss = None
         self.sites = None  # (local sites, local plates, all sites), found at the first step
         self.factors = (1.0, 1.0 / w.size)
         return self
