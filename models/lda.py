@@ -440,10 +440,6 @@ class LDAGuide(Guide):
 
     infer: Callable[[torch.Tensor], torch.Tensor] | None = None
     encoder: nn.Module | None = None
-    # loss(x, idx, size) -> -ELBO: TraceEnum_ELBO's differentiable loss on (model, fn), the same
-    # value and gradients for the same draws, computed without tracing (LDA.fused_loss); a
-    # training step may call it instead of the ELBO (python -m ppl_gen.bench lda does)
-    loss: Callable | None = None
 
     @torch.no_grad()
     def train_gamma(self, x: torch.Tensor) -> torch.Tensor:

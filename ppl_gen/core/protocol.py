@@ -69,7 +69,10 @@ class Guide:
     size, t) -> -ELBO``: the guide is fitted by closed-form updates of its parameters in Pyro's
     store (coordinate ascent, CAVI) instead of gradient steps. ``heldout(x) -> guide``: the guide
     to score new data ``x`` with, for a guide that cannot be applied to data it was not fitted on
-    (an explicit guide fits fresh local parameters there)."""
+    (an explicit guide fits fresh local parameters there). ``loss(x, idx, size) -> -ELBO``: the
+    one-particle ELBO ``loss_elbo`` (an ``--elbo`` name) of (model, fn) written out instead of
+    traced, the same value and gradients for the same draws; the training step uses it after its
+    first, traced step (which checks the model and guide) whenever the run's estimator is that one."""
 
     fn: Callable
     local_params: tuple[str, ...] = ()
@@ -78,6 +81,8 @@ class Guide:
     heldout: Callable[[torch.Tensor], Callable] | None = None
     # after training, the guide to evaluate: (x) -> guide (the Laplace approximation at the MAP)
     fitted: Callable[[torch.Tensor], Callable] | None = None
+    loss: Callable | None = None
+    loss_elbo: str = "enum"
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)

@@ -202,13 +202,15 @@ class Trainer:
                  lr: float, batch_size: int | None = None, seed: int = 0, validate: bool = False,
                  local_params=(), local_lr: float | None = None, update: Callable | None = None,
                  param_lr: dict[str, float] | None = None, buffers: dict[str, torch.nn.Module] | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, fused_loss: Callable | None = None):
         self.model, self.guide, self.x, self.elbo, self.lr = model, guide, x, elbo, lr
         # where the model computes; x may stay in host memory (--data-on-host), batches are copied
         self.device = x.device if device is None else torch.device(device)
         self.copies = self.device != x.device
         # a guide fitted by closed-form updates (e.g. CAVI) instead of gradient steps
         self.update = update
+        # the guide's own -ELBO, written out (Guide.loss): the traced ELBO's value and gradients
+        self.fused_loss = fused_loss
         self.n = x.shape[0]
         # read the signatures once, not on every step
         self.batched = takes_minibatches(model) and takes_minibatches(guide)
@@ -242,6 +244,8 @@ class Trainer:
 
     def loss(self, t: int) -> torch.Tensor:
         args, kwargs = self._args(t)
+        if self.fused_loss is not None and self.optim is not None:  # step 1 is traced: Pyro's checks
+            return self.fused_loss(*args, **kwargs)
         return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
 
     def init_params(self) -> None:
