@@ -176,6 +176,22 @@ class VAE:
             mu, sigma = self.encoder(x)
             pyro.sample("z", dist.Normal(mu, sigma).to_event(1))
 
+    def fused_loss(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None) -> torch.Tensor:
+        """-ELBO of ``model`` with the ``amortized`` guide, the number Trace_ELBO's
+        ``differentiable_loss`` returns, draw for draw (the guide's one reparameterized draw
+        z = mu + sigma * eps, then the model scored at it) and with the same gradients, written out
+        instead of traced (Kingma & Welling 2014, eq. 10):
+
+            -(N / B) sum_n [log p_phi(x_n | z_n) + log p(z_n) - log q_theta(z_n | x_n)]
+
+        The traced form stays the definition; tests/models/test_vae.py checks value and gradients
+        against it."""
+        mu, sigma = self.encoder(x)
+        q = dist.Normal(mu, sigma).to_event(1)
+        z = q.rsample()
+        elbo = self.likelihood(z).log_prob(x) + self.prior(x).log_prob(z) - q.log_prob(z)
+        return -(1.0 if idx is None else size / x.shape[0]) * elbo.sum()
+
     def explicit(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
         """q(z_n) = N(mu_n, diag sigma_n^2) with free parameters per training example.
         Inside the subsampled plate Pyro hands each step only the batch's rows."""
@@ -266,7 +282,8 @@ class VAE:
 
     def guides(self) -> dict[str, GaussianGuide]:
         """The three guides, each with its q(z | x) for new data."""
-        return {"amortized": GaussianGuide(self.amortized, q=self.q_amortized),
+        return {"amortized": GaussianGuide(self.amortized, q=self.q_amortized, loss=self.fused_loss,
+                                           loss_elbo="trace"),
                 # (mu_n, sigma_n) rows, one per training example, each moved only when its point is
                 # in the batch; the held-out ELBO scores a fresh fit of them to the new points
                 "explicit": GaussianGuide(self.explicit, local_params=("q_mu", "q_sigma"),
