@@ -341,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         svi.report_error(e, svi.wants_traceback(argv))
         return 2
+    from ppl_gen.core.distributed import world_size
+
+    if world_size() > 1:  # every rank would run every scheme, and only rank 0 would know the table
+        svi.report_error(UserError("inference.compare runs its schemes one after another in one process; "
+                                   "run it without torchrun, or run one scheme with torchrun -m inference.svi"),
+                         False)
+        return 2
     if several:  # several model files: the generative families side by side
         return families.main(argv)
     try:

@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m inference.s
         extra_flags(pre)
     pre.add_argument("words", nargs="*")
     known, _ = pre.parse_known_args(argv)
-    words = [w for w in known.words if w.endswith(".py")] or known.words
+    # a resumed run names its model file itself: other words are the values of the file's own flags
+    words = [w for w in known.words if w.endswith(".py")] or ([] if known.resume else known.words)
     resumed: dict = {}
     if known.resume:
         folder = RunFolder(known.resume)

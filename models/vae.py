@@ -142,6 +142,7 @@ class VAE:
     def __init__(self, x_dim: int, options: Options, device: torch.device | str = "cpu"):
         self.x_dim, self.z_dim = x_dim, options.latent_dim
         self.options = options
+        self._terms = None  # the last fused step's (reconstruction, KL) per data point
         self.encoder = Encoder(x_dim, options.hidden_dim, self.z_dim).to(device)
         self.decoder = Decoder(self.z_dim, options.hidden_dim, x_dim).to(device)
 
@@ -189,8 +190,19 @@ class VAE:
         mu, sigma = self.encoder(x)
         q = dist.Normal(mu, sigma).to_event(1)
         z = q.rsample()
-        elbo = self.likelihood(z).log_prob(x) + self.prior(x).log_prob(z) - q.log_prob(z)
-        return -(1.0 if idx is None else size / x.shape[0]) * elbo.sum()
+        reconstruction = self.likelihood(z).log_prob(x)          # log p_phi(x_n | z_n)
+        kl = q.log_prob(z) - self.prior(x).log_prob(z)            # one-draw estimate of KL(q || p(z))
+        self._terms = (reconstruction.detach(), kl.detach())
+        return -(1.0 if idx is None else size / x.shape[0]) * (reconstruction - kl).sum()
+
+    def elbo_terms(self) -> dict[str, float]:
+        """The last training step's two terms of the ELBO, per data point of its batch (the slides'
+        "the terms fight": the reconstruction wants informative z, the KL pulls q back to p(z))."""
+        if self._terms is None:
+            return {}
+        reconstruction, kl = self._terms
+        self._terms = None
+        return {"reconstruction": reconstruction.mean().item(), "kl": kl.mean().item()}
 
     def explicit(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):
         """q(z_n) = N(mu_n, diag sigma_n^2) with free parameters per training example.
@@ -283,7 +295,8 @@ class VAE:
     def guides(self) -> dict[str, GaussianGuide]:
         """The three guides, each with its q(z | x) for new data."""
         return {"amortized": GaussianGuide(self.amortized, q=self.q_amortized, loss=self.fused_loss,
-                                           loss_elbo="trace"),
+                                           loss_elbo="trace", terms=self.elbo_terms,
+                                           trace_terms=("reconstruction", "kl")),
                 # (mu_n, sigma_n) rows, one per training example, each moved only when its point is
                 # in the batch; the held-out ELBO scores a fresh fit of them to the new points
                 "explicit": GaussianGuide(self.explicit, local_params=("q_mu", "q_sigma"),
@@ -394,6 +407,12 @@ class VAE:
         paths.append(plotting.scatter_2d(points, None if labels is None else labels,
                                          out / "latent_space.png", f"encoder means of held-out data{how}", xl, yl))
         paths.append(self.plot_interpolation(x, labels, run.guide.q, shape, out / "interpolation.png"))
+        terms = plotting.trace_terms(run.trace, {"reconstruction": "reconstruction E_q[log p(x | z)]",
+                                                 "kl": "KL(q(z | x) || p(z))"}, out / "elbo_terms.png",
+                                     "the ELBO's two terms per data point (one draw per step): ELBO = "
+                                     "reconstruction - KL")
+        if terms:
+            paths.append(terms)
         if self.z_dim == 2:
             # the manifold: decode a grid of z placed at Normal quantiles, as in Kingma & Welling's Fig. 4
             n = 15

@@ -334,6 +334,7 @@ def run(cfg: RunConfig, mf: ModelFile | None = None):
     backend = get_backend(cfg.backend)
     folder = plan_folder(cfg, mf)
     setup = RunSetup.build(cfg, mf)
+    folder.fields += [k for k in setup.guide.trace_terms if k not in folder.fields]
     backend.check(setup)
     trainer = backend.trainer(setup)
     if world:
@@ -417,7 +418,8 @@ def train_loop(setup: RunSetup, trainer, folder, evaluate, start: int, config: d
             # with a costly held-out evaluation are timed fairly
             seconds += time.perf_counter() - clock
             window.append(-loss)
-            rows.append({"step": t, "loss": loss, "seconds": seconds, "test_elbo": ""})
+            rows.append({"step": t, "loss": loss, "seconds": seconds, "test_elbo": "",
+                         **(setup.guide.terms() if setup.guide.terms else {})})
             if not opened:
                 _open_new(folder, config)
                 opened = True

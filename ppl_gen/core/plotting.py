@@ -220,3 +220,30 @@ def sample_panels(panels: dict, shape: list[int], path: Path, title: str = "") -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def trace_terms(trace: list[dict], labels: dict[str, str], path: Path, title: str = "") -> Path | None:
+    """One panel per logged ELBO term of trace.csv (``labels``: column -> axis label), against
+    step, with a moving average over 2% of the steps; None when no row holds the terms."""
+    panels = {k: [(int(r["step"]), float(r[k])) for r in trace if r.get(k) not in (None, "")] for k in labels}
+    if not any(panels.values()):
+        return None
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.2 * len(labels), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], labels.items()):
+        points = panels[key]
+        if not points:
+            continue
+        steps, values = np.array(points).T
+        ax.plot(steps, values, lw=0.5, alpha=0.4, color="C0")
+        w = max(len(values) // 50, 1)
+        if w > 1:
+            smooth = np.convolve(values, np.ones(w) / w, mode="valid")
+            ax.plot(steps[w - 1:], smooth, lw=1.5, color="C0")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

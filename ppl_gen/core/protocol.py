@@ -72,7 +72,9 @@ class Guide:
     (an explicit guide fits fresh local parameters there). ``loss(x, idx, size) -> -ELBO``: the
     one-particle ELBO ``loss_elbo`` (an ``--elbo`` name) of (model, fn) written out instead of
     traced, the same value and gradients for the same draws; the training step uses it after its
-    first, traced step (which checks the model and guide) whenever the run's estimator is that one."""
+    first, traced step (which checks the model and guide) whenever the run's estimator is that one.
+    ``terms() -> {name: value}``: the last step's ELBO terms per data point (a VAE's reconstruction
+    and KL), columns ``trace_terms`` of trace.csv; empty where the last step did not compute them."""
 
     fn: Callable
     local_params: tuple[str, ...] = ()
@@ -83,6 +85,8 @@ class Guide:
     fitted: Callable[[torch.Tensor], Callable] | None = None
     loss: Callable | None = None
     loss_elbo: str = "enum"
+    terms: Callable[[], dict[str, float]] | None = None
+    trace_terms: tuple[str, ...] = ()
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)

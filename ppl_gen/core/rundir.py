@@ -67,8 +67,10 @@ def _jsonable(obj: Any) -> Any:
 class RunFolder:
     """Reads and writes one run folder."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, terms: tuple[str, ...] = ()):
         self.path = Path(path)
+        # trace.csv's columns: the runner's, then the guide's own ELBO terms (Guide.trace_terms)
+        self.fields = [*TRACE_FIELDS, *terms]
 
     def create(self) -> "RunFolder":
         if self.path.exists() and not self.path.is_dir():
@@ -101,7 +103,7 @@ class RunFolder:
         if keep_until_step is not None and target.is_file():
             rows = [r for r in self.read_trace() if int(r["step"]) <= keep_until_step]
         with open(target, "w", newline="") as f:
-            w = csv.DictWriter(f, TRACE_FIELDS)
+            w = csv.DictWriter(f, self.fields, restval="", extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 
@@ -109,18 +111,19 @@ class RunFolder:
         if not rows:
             return
         with open(self.path / "trace.csv", "a", newline="") as f:
-            csv.DictWriter(f, TRACE_FIELDS).writerows(rows)
+            csv.DictWriter(f, self.fields, restval="", extrasaction="ignore").writerows(rows)
 
     def set_test_elbo(self, step: int, value: float) -> None:
         """Add the held-out ELBO to the row of ``step``, after that row (and the checkpoint) are
         on disk: an evaluation that fails or is interrupted loses nothing."""
         rows = self.read_trace()
+        self.fields += [k for k in (rows[0] if rows else {}) if k not in self.fields]  # keep every column
         for r in rows:
             if int(r["step"]) == step:
                 r["test_elbo"] = value
         tmp = self.path / "trace.csv.tmp"
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, TRACE_FIELDS)
+            w = csv.DictWriter(f, self.fields, restval="", extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, self.path / "trace.csv")

@@ -51,3 +51,13 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "never").exists()
+
+
+def test_compare_under_torchrun_is_refused(monkeypatch, capsys):
+    from inference.compare import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main([str(ROOT / "models" / "gaussian_net.py")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: inference.compare runs its schemes one after another") and len(err.splitlines()) == 1

@@ -132,3 +132,29 @@ def test_fused_loss_is_trace_elbos_value_and_gradients(decoder, minibatch):
             torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-9)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_trace_logs_the_elbos_two_terms_and_resume_keeps_them(tmp_path):
+    """trace.csv's reconstruction and kl columns (the amortized guide's fused steps) add up to
+    the step's loss, -ELBO = -(reconstruction - KL), at every step after the first; a resumed run
+    keeps the columns and equals the uninterrupted one."""
+    import csv
+
+    from inference.svi import main
+
+    budget = ["--ll-samples", "2", "--ll-points", "5", "--gap-points", "4", "--qstar-steps", "2",
+              "--local-steps", "2", "--test-points", "20", "--threads", "1", "--no-progress"]
+    file = vae_file.__file__
+    assert main([file, "--steps", "12", "--out", str(tmp_path / "full"), *budget]) == 0
+    assert main([file, "--steps", "6", "--out", str(tmp_path / "half"), *budget]) == 0
+    assert main(["--resume", str(tmp_path / "half"), "--steps", "12", *budget]) == 0
+    rows = {}
+    for name in ("full", "half"):
+        with open(tmp_path / name / "trace.csv", newline="") as f:
+            rows[name] = list(csv.DictReader(f))
+    assert rows["full"][0]["reconstruction"] == ""  # step 1 is Pyro's traced ELBO
+    for a, b in zip(rows["full"], rows["half"]):
+        assert a["loss"] == b["loss"] and a["reconstruction"] == b["reconstruction"] and a["kl"] == b["kl"]
+        if a["reconstruction"]:
+            assert float(a["loss"]) == pytest.approx(-(float(a["reconstruction"]) - float(a["kl"])), rel=1e-5)
+    assert (tmp_path / "full" / "elbo_terms.png").is_file()
