@@ -40,6 +40,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "vae": ("svi", ["models/vae.py"]),
     "vae-2d": ("svi", ["models/vae.py", "--latent-dim", "2", "--steps", "5000"]),
     "compare-vae-2d": ("compare", ["models/vae.py", "--latent-dim", "2", "--steps", "3000", "--threads", "1"]),
+    "families": ("compare", ["models/vae.py", "models/pixelcnn.py", "models/vqvae.py", "models/diffusion.py",
+                             "models/gan.py", "--threads", "1"]),
 }
 # --tiny: a few steps, and the per-file evaluation budgets of tests/test_docs_commands.py
 TINY_STEPS = ["--steps", "3", "--eval-every", "3"]
@@ -89,9 +91,11 @@ def regenerate(out: Path, tiny: bool = False, only: list[str] | None = None) -> 
             if only and name not in only:
                 continue
             run_dir = Path(scratch) / name
-            argv = [str(ROOT / argv[0]), *argv[1:], "--out", str(run_dir), "--no-progress"]
-            if tiny:
-                argv += TINY_STEPS + TINY.get(Path(argv[0]).name, [])
+            files = [a for a in argv if a.endswith(".py")]
+            argv = [str(ROOT / a) if a in files else a for a in argv] + ["--out", str(run_dir), "--no-progress"]
+            if tiny:  # several files share the runner's flags only
+                argv += TINY_STEPS + (TINY.get(Path(argv[0]).name, []) if len(files) == 1
+                                      else ["--sample-images", "16", "--score-images", "40"])
             t = time.perf_counter()
             code = _entry(entry)(argv)
             if code != 0:
