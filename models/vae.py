@@ -307,22 +307,24 @@ class VAE:
     # -- evaluation ------------------------------------------------------------------
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, K: int,
-                       chunk: int = 64) -> torch.Tensor:
+                       chunk: int = 64, weights: bool = False):
         """Importance-sampled log p(x) per data point, with proposal N(loc, scale^2):
 
             log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k),   z_k ~ q
 
         A lower bound in expectation that tightens as K grows and equals the ELBO's
-        integrand at K = 1 (Burda, Grosse & Salakhutdinov 2016).
+        integrand at K = 1 (Burda, Grosse & Salakhutdinov 2016). ``weights``: also return the
+        log importance weights, (K, n), for PSIS per point.
         """
-        out = []
+        out, log_ws = [], []
         for s in range(0, len(x), chunk):
             xs, mu, sigma = x[s:s + chunk], loc[s:s + chunk], scale[s:s + chunk]
             q = dist.Normal(mu, sigma).to_event(1)
             z = q.sample((K,))                                   # (K, n, z_dim)
             log_w = self.prior(xs).log_prob(z) + self.likelihood(z).log_prob(xs) - q.log_prob(z)
             out.append(torch.logsumexp(log_w, 0) - math.log(K))
-        return torch.cat(out)
+            log_ws.append(log_w)
+        return (torch.cat(out), torch.cat(log_ws, 1)) if weights else torch.cat(out)
 
     def evaluate(self, run) -> dict:
         x = run.dataset.test
@@ -331,7 +333,11 @@ class VAE:
         metrics = {}
         xl = x[: self.options.ll_points]
         loc, scale = run.guide.q(xl)
-        ll = self.log_likelihood(xl, loc, scale, self.options.ll_samples)
+        ll, log_w = self.log_likelihood(xl, loc, scale, self.options.ll_samples, weights=True)
+        from ppl_gen.core.posterior import pointwise_khat
+
+        # does q(z | x) work point by point? PSIS k-hat of each held-out point's K weights
+        metrics.update({f"heldout_{k}": v for k, v in (pointwise_khat(log_w) or {}).items()})
         metrics.update({"test_log_likelihood": ll.mean().item(),
                         "log_likelihood_samples": self.options.ll_samples,
                         "log_likelihood_points": len(xl),
@@ -498,6 +504,8 @@ def build(options: Options, dataset) -> Spec:
 # the numbers inference.compare shows for this file, beside the runner's own
 METRICS = (
     Metric("test_log_likelihood", "held-out log p(x)", "{:.3f}", higher_is_better=True, bar=True),
+    Metric("heldout_khat_median", "k-hat per point, median", "{:.2f}", higher_is_better=False),
+    Metric("heldout_khat_above_0.7", "k-hat > 0.7, fraction", "{:.2f}", higher_is_better=False),
     Metric("gap_log_px", "log p(x)", "{:.3f}", higher_is_better=True),
     Metric("gap_elbo_q_star", "ELBO(q*)", "{:.3f}", higher_is_better=True),
     Metric("gap_elbo_q", "ELBO(q)", "{:.3f}", higher_is_better=True),

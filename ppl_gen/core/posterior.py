@@ -300,6 +300,24 @@ def psis(log_weights) -> dict[str, float]:
     return {"khat": float(khat), "log_px": log_px, "ess": float(1.0 / np.sum(w ** 2)), "draws": S}
 
 
+def pointwise_khat(log_weights: torch.Tensor) -> dict[str, float] | None:
+    """PSIS per data point, for a guide of local latents (Yao et al. 2018, sec. 4): each point's
+    own K importance weights ``log_weights`` (K draws, n points) -> {"khat_median": ...,
+    "khat_above_0.7": the fraction of points whose weights are unreliable}; None under
+    MIN_DRAWS draws (too few for a tail to fit)."""
+    import numpy as np
+
+    if log_weights.shape[0] < MIN_DRAWS:
+        return None
+    az = import_arviz()
+    lw = log_weights.detach().double().cpu().numpy().T.copy()  # ArviZ: draws on the last axis
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, khat = az.psislw(lw)
+    khat = np.asarray(khat, dtype=np.float64)
+    return {"khat_median": float(np.median(khat)), "khat_above_0.7": float(np.mean(khat > KHAT_USABLE))}
+
+
 def diagnose(model: Callable, guide: Callable, x: torch.Tensor, num_draws: int = NUM_DRAWS,
              seed: int = 0) -> dict[str, Any]:
     """The PSIS check of a fitted guide against its model on the training data ``x``, as the

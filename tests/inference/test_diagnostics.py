@@ -121,3 +121,21 @@ def test_posterior_summary_of_many_latent_numbers_is_numpys_on_the_first_rows():
         np.testing.assert_allclose([row["mean"], row["sd"], row["q5%"], row["q50%"], row["q95%"]],
                                    [values.mean(), values.std(ddof=1), *np.quantile(values, [0.05, 0.5, 0.95])],
                                    rtol=1e-9)
+
+
+def test_pointwise_khat_flags_too_narrow_proposals_point_by_point():
+    """Target N(0, 1), proposal N(0, s^2) for each of 100 points, 1000 draws each: the weights'
+    tail shape is k = 1 - s^2 (a Normal proposal narrower than the target has heavy-tailed
+    weights; Vehtari et al. 2024), so s = 0.5 gives k = 0.75 (unreliable) and s = 1.5 bounded
+    weights (k < 0)."""
+    from ppl_gen.core.posterior import pointwise_khat
+
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for s in (0.5, 1.5):
+        z = s * torch.randn(1000, 100, generator=g, dtype=torch.float64)
+        log_w = dist.Normal(0.0, 1.0).log_prob(z) - dist.Normal(0.0, s).log_prob(z)
+        out[s] = pointwise_khat(log_w)
+    assert 0.6 < out[0.5]["khat_median"] < 0.95 and out[0.5]["khat_above_0.7"] > 0.4
+    assert out[1.5]["khat_median"] < 0.3 and out[1.5]["khat_above_0.7"] == 0.0
+    assert pointwise_khat(torch.zeros(10, 5)) is None  # too few draws for a tail
