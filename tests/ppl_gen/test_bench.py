@@ -25,3 +25,15 @@ def test_gpu_check_refuses_without_a_gpu(capsys):
     assert gpu.main(["--out", "unused"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "CUDA GPU" in err[0]
+
+
+def test_autoguide_bench_runs_at_a_tiny_size():
+    """Every automatic guide steps through the runner beside its hand-written baseline (no timing asserted)."""
+    import math
+
+    from ppl_gen.bench import autoguides
+
+    r = autoguides.bench(steps=2, rounds=1)
+    assert set(r["seconds_per_step"]) == set(autoguides.PAIRS)
+    assert all(math.isfinite(v) and v > 0 for v in r["ratio_to_hand_written"].values())
+    assert r["ratio_to_hand_written"]["mean_field"] == 1.0 == r["ratio_to_hand_written"]["full_rank"]
