@@ -61,7 +61,17 @@ def render(fn: Callable, x: torch.Tensor | None, path: Path) -> Path:
     saved = store.get_state()
     try:
         with torch.random.fork_rng(devices=[x.device] if x is not None and x.device.type == "cuda" else []):
-            graph = pyro.render_model(fn, model_args=args, model_kwargs=kwargs, render_distributions=True)
+            try:
+                graph = pyro.render_model(fn, model_args=args, model_kwargs=kwargs, render_distributions=True)
+            except AttributeError:
+                if x is None:
+                    raise
+                # Pyro's provenance tracking cannot slice a trained per-point table in a subsampled
+                # plate (an explicit guide): trace the first rows as the whole data set instead, with
+                # fresh parameters (the graph does not depend on their values)
+                store.clear()
+                rows = x[:ROWS]
+                graph = pyro.render_model(fn, model_args=(rows,), render_distributions=True)
     finally:
         store.set_state(saved)
     graph.format = "png"

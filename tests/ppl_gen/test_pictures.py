@@ -61,3 +61,21 @@ def test_without_graphviz_one_line(monkeypatch, tmp_path):
     note = pictures.model_pictures(spec, _guide, ds, tmp_path)
     assert note == pictures.HOW_TO_GET and "\n" not in note
     assert not list(Path(tmp_path).iterdir())
+
+
+def test_a_trained_per_point_table_is_drawn_and_left_as_it_was(build_run, tmp_path):
+    """The explicit VAE guide's trained (mu_n, sigma_n) table in a subsampled plate: the picture is
+    drawn (from fresh parameters on the first rows) and the trained table comes back unchanged."""
+    if pictures.graphviz_missing():
+        pytest.skip(f"graphviz absent: {pictures.HOW_TO_GET}")
+    from ppl_gen.backends.pyro_backend import PyroBackend
+
+    setup = build_run("models/vae.py", guide="explicit", options={"test_points": 30}, batch_size=64)
+    trainer = PyroBackend().trainer(setup)
+    for t in (1, 2):
+        trainer.step(t)
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+    written = pictures.model_pictures(setup.spec, setup.guide, setup.dataset, tmp_path)
+    assert [p.name for p in written] == ["model.png", "guide.png"]
+    after = dict(pyro.get_param_store().named_parameters())
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
