@@ -161,7 +161,10 @@ class Optimizers:
             own = [[k] for k in group if kind == "global" and k in self.param_lr]
             group = [k for k in group if not (kind == "global" and k in self.param_lr)]
             for g in ([group] if group else []) + own:
-                params, lr = [named[k] for k in g], self._lr(kind, g)
+                # one tensor may sit in the store under two names (a module registered twice, as
+                # AutoIAFNormal's flow is): the optimizer takes it once
+                params = list({id(named[k]): named[k] for k in g}.values())
+                lr = self._lr(kind, g)
                 if kind not in self.parts:
                     self.parts[kind] = (RowwiseAdam if kind == "local" else torch.optim.Adam)(params, lr=lr)
                 else:

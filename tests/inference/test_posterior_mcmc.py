@@ -114,12 +114,15 @@ def test_nuts_matches_the_closed_form():
 
 
 def _documented_compare_commands():
-    text = (ROOT / "docs" / "vi-vs-mcmc.md").read_text()
-    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
-        for line in block.splitlines():
-            line = line.split("#")[0].strip()
-            if line.startswith("python -m inference.compare") and "--mcmc" in line:
-                yield line
+    seen = set()
+    for page in ("vi-vs-mcmc.md", "choosing-a-vi-scheme.md"):
+        text = (ROOT / "docs" / page).read_text()
+        for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+            for line in block.splitlines():
+                line = line.split("#")[0].strip()
+                if line.startswith("python -m inference.compare") and "--mcmc" in line and line not in seen:
+                    seen.add(line)
+                    yield line
 
 
 def test_the_docs_show_compare_mcmc_commands():
@@ -128,7 +131,7 @@ def test_the_docs_show_compare_mcmc_commands():
 
 @pytest.mark.parametrize("command", list(_documented_compare_commands()))
 def test_documented_compare_mcmc_command_runs(command, tmp_path, capsys):
-    """Each command of docs/vi-vs-mcmc.md with tiny budgets: the report, the plot and finite diagnostics."""
+    """Each --mcmc command of docs/vi-vs-mcmc.md and docs/choosing-a-vi-scheme.md with tiny budgets: the report, the plot and finite diagnostics."""
     argv = shlex.split(command)[3:]
     argv = [str(ROOT / a) if a.startswith(("models/", "tests/")) else a for a in argv]
     out = tmp_path / "cmp"
