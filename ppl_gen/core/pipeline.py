@@ -513,7 +513,8 @@ def _finish(setup: RunSetup, folder, config: dict, evaluate: Callable, title: st
         metrics["train_bound"] = renyi_bound(setup)
     folder.write_json("metrics.json", metrics)
 
-    elbo_curve(trace, folder.path / "elbo.png", title=title)
+    if spec.likelihood:  # an implicit model's loss is a game's, not an ELBO: its file plots it itself
+        elbo_curve(trace, folder.path / "elbo.png", title=title)
     if spec.plots:
         with torch.random.fork_rng(devices=devices), model_code(setup.mf.path, "in plots()"):
             seed_everything(cfg.seed)

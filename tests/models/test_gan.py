@@ -155,3 +155,11 @@ def test_settings_that_need_a_likelihood_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith("error: gan.py is an implicit model") and f"{flag} (" in err, err
         assert len(err.splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_an_implicit_run_draws_no_elbo_curve(tmp_path):
+    """A GAN's trace holds the game's loss, not an ELBO: no elbo.png, and its own losses.png."""
+    out = tmp_path / "r"
+    assert svi_main([gan_file.__file__, "--steps", "2", "--no-score", "--samples", "4", "--no-progress",
+                     "--out", str(out)]) == 0
+    assert not (out / "elbo.png").exists() and (out / "losses.png").is_file()
