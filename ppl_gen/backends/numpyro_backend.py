@@ -91,6 +91,37 @@ def load_twin(mf, options, dataset):
 
 CLOSED_FORM = "fitted by closed-form updates, which run on Pyro only"
 
+# Pyro's automatic guides that NumPyro has a class of the same name for, with how NumPyro's
+# parameter names ("mu_auto_loc") map to the Pyro store's ("AutoNormal.locs.mu"): suffix -> prefix.
+# Both keep the same numbers in the same spaces (the loc unconstrained, the scale positive; a
+# point mass's loc in the site's support), so values pass between the two by name.
+NUMPYRO_AUTOGUIDES = {"AutoNormal": {"_auto_loc": "AutoNormal.locs.", "_auto_scale": "AutoNormal.scales."},
+                      "AutoDelta": {"_auto_loc": "AutoDelta."}}
+
+
+def numpyro_autoguide(name: str, twin_model: Callable) -> Callable:
+    """NumPyro's automatic guide ``name`` on the twin's model, its parameters named as Pyro's
+    guide of the same class names them in Pyro's store."""
+    import numpyro.infer.autoguide as autoguides
+    from numpyro.primitives import Messenger
+
+    suffixes = NUMPYRO_AUTOGUIDES[name]
+
+    class PyroNames(Messenger):
+        def process_message(self, msg):
+            if msg["type"] == "param":
+                for suffix, prefix in suffixes.items():
+                    if msg["name"].endswith(suffix):
+                        msg["name"] = prefix + msg["name"][: -len(suffix)]
+                        break
+
+    auto = getattr(autoguides, name)(twin_model)
+
+    def guide(*args, **kwargs):
+        with PyroNames():
+            return auto(*args, **kwargs)
+    return guide
+
 
 def unsupported(spec, twin, name: str) -> str | None:
     """Why guide ``name`` cannot run on NumPyro, or None when it can: the one rule that
@@ -98,7 +129,8 @@ def unsupported(spec, twin, name: str) -> str | None:
     from ppl_gen.core.protocol import AUTOGUIDES
 
     if name in AUTOGUIDES and name not in spec.guides:
-        return "Pyro's automatic guides run on Pyro only"
+        return None if name in NUMPYRO_AUTOGUIDES else (f"Pyro's {name} is not carried over to NumPyro's; "
+                                                         f"{' and '.join(NUMPYRO_AUTOGUIDES)} are")
     if spec.resolve(name).update is not None:
         return CLOSED_FORM
     if name in twin.refused:
@@ -362,12 +394,17 @@ class NumpyroBackend:
             raise UserError(f"guide {setup.guide_name!r} is {CLOSED_FORM}; use --backend pyro for it")
         from ppl_gen.core.protocol import AUTOGUIDES
 
-        if setup.guide_name in AUTOGUIDES and setup.guide_name not in setup.spec.guides:
-            raise UserError(f"--backend numpyro fits a model file's NumPyro twin, and Pyro's automatic guide "
-                            f"{setup.guide_name} is not carried over to NumPyro's yet; use --backend pyro for it")
+        auto = setup.guide_name in AUTOGUIDES and setup.guide_name not in setup.spec.guides
+        if auto and setup.guide_name not in NUMPYRO_AUTOGUIDES:
+            raise UserError(f"--backend numpyro: Pyro's automatic guide {setup.guide_name} is not carried over to "
+                            f"NumPyro's ({' and '.join(NUMPYRO_AUTOGUIDES)} are); use --backend pyro for it")
+        if auto and setup.cfg.batch_size is not None and setup.cfg.batch_size < len(setup.dataset.train):
+            raise UserError(f"--backend numpyro runs {setup.guide_name} on the whole data set only (the twin's plates "
+                            "scale a minibatch, they do not subsample); drop --batch-size or use --backend pyro")
         self.twin = load_twin(setup.mf, setup.options, setup.dataset)
         self.elbo_name = twin_elbo(self.twin, setup.cfg.elbo)  # an unsupported --elbo fails before any work
-        self.guide = twin_guide(self.twin, setup.guide_name, setup.mf.path.name)
+        self.guide = (numpyro_autoguide(setup.guide_name, self.twin.model) if auto
+                      else twin_guide(self.twin, setup.guide_name, setup.mf.path.name))
 
     def trainer(self, setup):
         from ppl_gen.core.pipeline import site_check

@@ -287,3 +287,29 @@ def test_enum_elbo_is_refused_with_numpyro(tmp_path, capsys):
     assert main([CONJ, "--backend", "numpyro", "--elbo", "enum", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--elbo enum has no NumPyro counterpart" in err[0]
+
+
+@pytest.mark.parametrize("guide, mean_tol, sd_ratio", [("AutoNormal", 0.5, (0.8, 1.25)), ("AutoDelta", 0.05, None)])
+def test_pyros_automatic_guides_run_as_numpyros_and_reach_the_closed_form(tmp_path, capsys, guide, mean_tol,
+                                                                          sd_ratio):
+    """--backend numpyro fits NumPyro's class of the same name on the twin's model, its parameters
+    under the Pyro store's names: the posterior summary (drawn from Pyro's guide at the NumPyro
+    values) against the conjugate closed form, mean within ``mean_tol`` posterior sds."""
+    out = tmp_path / guide
+    assert main([CONJ, "--backend", "numpyro", "--guide", guide, "--steps", "800", "--lr", "0.05", "--no-progress",
+                 "--diagnostic-draws", "400", "--out", str(out)]) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    x = conj.data()[0]
+    mean, sd = conj.posterior(x)
+    post = metrics["posterior_summary"]["mu"]
+    assert abs(post["mean"] - mean) < mean_tol * sd, (post, mean, sd)
+    if sd_ratio:
+        assert sd_ratio[0] < post["sd"] / sd < sd_ratio[1], (post, sd)
+    assert metrics["backend"] == "numpyro"
+
+
+def test_automatic_guides_numpyro_lacks_are_refused(tmp_path, capsys):
+    code = main([CONJ, "--backend", "numpyro", "--guide", "AutoMultivariateNormal", "--steps", "2",
+                 "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "AutoMultivariateNormal is not carried over to NumPyro's (AutoNormal and AutoDelta are)" in err, err
