@@ -219,10 +219,8 @@ def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str], s
     if spec.report:
         lines += [*spec.report(rows), ""]
     lines += ["![ELBO against step and seconds](compare_elbo.png)", ""]
-    # with several seeds every seed is its own dot, so the plot shows the spread the table summarizes
-    dots = [dict(r, guide=f"{r['guide']} (seed {s})", **{k[:-7]: v[i] for k, v in r.items() if k.endswith("_values")})
-            for r in rows for i, s in enumerate(r.get("seeds", [None]))] if len(first.get("seeds", [])) > 1 else rows
-    bars = plotting.compare_bars(dots, [c for c in columns(declared) if c.bar], out / "compare_heldout.png")
+    # with several seeds: each scheme's mean +- its standard error, and every seed as a dot
+    bars = plotting.compare_bars(rows, [c for c in columns(declared) if c.bar], out / "compare_heldout.png")
     if bars:
         lines += ["![held-out metrics](compare_heldout.png)", ""]
     elif (out / "compare_heldout.png").exists():

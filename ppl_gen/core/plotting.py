@@ -139,7 +139,9 @@ def compare_curves(traces: dict[str, list[dict]], path: Path) -> Path:
 def compare_bars(rows: list[dict], metrics: list, path: Path) -> Path | None:
     """One panel per declared metric (``ppl_gen.Metric``): each guide's value as a dot with its
     number, the better direction in the title. Dots, not bars: ELBOs are negative and differ
-    far less than their size, so bars from zero would hide the differences. None: nothing to draw."""
+    far less than their size, so bars from zero would hide the differences. A row from several
+    seeds (``<key>_se``, ``<key>_values``) shows its mean with a +-1 standard error bar and each
+    seed as a small grey dot. None: nothing to draw."""
     panels = [m for m in metrics if any(r.get(m.key) is not None for r in rows)]
     if not panels:
         return None
@@ -149,13 +151,20 @@ def compare_bars(rows: list[dict], metrics: list, path: Path) -> Path | None:
     y = np.arange(len(rows))
     for ax, m in zip(axes[0], panels):
         vals = [r.get(m.key) for r in rows]
-        for yi, v in zip(y, vals):
+        finite = [v for v in vals if v is not None]
+        for yi, v, r in zip(y, vals, rows):
             if v is None:
                 continue
-            ax.plot([v], [yi], "o", color="C0", ms=6)
-            ax.annotate(m.fmt.format(v), (v, yi), xytext=(0, 6), textcoords="offset points", ha="center",
-                        fontsize=7)
-        finite = [v for v in vals if v is not None]
+            seeds, se = r.get(f"{m.key}_values") or [], r.get(f"{m.key}_se")
+            if seeds:
+                ax.plot(seeds, [yi] * len(seeds), "o", color="0.6", ms=3, zorder=1)
+                finite += list(seeds)
+            if se:
+                ax.errorbar([v], [yi], xerr=[se], fmt="o", color="C0", ms=6, capsize=3, zorder=2)
+            else:
+                ax.plot([v], [yi], "o", color="C0", ms=6, zorder=2)
+            text = m.fmt.format(v) + (f" ± {m.fmt.format(se)}" if se else "")
+            ax.annotate(text, (v, yi), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7)
         lo, hi = min(finite), max(finite)
         pad = 0.25 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-3
         ax.set_xlim(lo - pad, hi + pad)
