@@ -38,6 +38,8 @@ from . import svi
 COLUMNS = (
     Metric("train_elbo", "train ELBO", "{:.3f}", higher_is_better=True),
     Metric("test_elbo", "held-out ELBO", "{:.3f}", higher_is_better=True, bar=True),
+    Metric("heldout_lpd", "held-out lpd", "{:.3f}", higher_is_better=True, bar=True),
+    Metric("heldout_accuracy", "held-out accuracy", "{:.3f}", higher_is_better=True),
     Metric("psis_khat", "PSIS k-hat", "{:.2f}", higher_is_better=False),
     Metric("iw_log_evidence", "IW log p(x)", "{:.3f}", higher_is_better=True),
     Metric("is_ess", "IS ESS", "{:.0f}", higher_is_better=True),

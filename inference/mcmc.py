@@ -37,6 +37,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from ppl_gen.core.dataset import whole
 from ppl_gen.core.errors import UserError
 from ppl_gen.core.posterior import import_arviz, site_dims, split_latents, to_inference_data, trace_model
 
@@ -83,7 +84,8 @@ def check_model(model, x: torch.Tensor, file_name: str) -> dict:
     """The model's latents (global, and local ones up to NUTS_MAX numbers in all), or a
     UserError saying why NUTS cannot sample this model."""
     with torch.no_grad():
-        model_trace = poutine.trace(model).get_trace(x)  # the whole data, as NUTS will see them
+        args, kwargs = whole(x)  # the whole data, as NUTS will see them
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
     glob, local = split_latents(model_trace)
     if local:
         n = sum(site["value"].numel() for site in (*glob.values(), *local.values()))
@@ -124,8 +126,9 @@ def run_nuts(model, x: torch.Tensor, opts: MCMCOptions, seed: int = 0, custom_di
     from pyro.infer import MCMC, NUTS
 
     sites = check_model(model, x, file_name)
+    args, kwargs = whole(x)
     with torch.no_grad():
-        model_trace = poutine.trace(model).get_trace(x)
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
     dims, coords = {}, {}
     for name, site in sites.items():
         dims[name], c = site_dims(name, site, custom_dims)
@@ -137,7 +140,7 @@ def run_nuts(model, x: torch.Tensor, opts: MCMCOptions, seed: int = 0, custom_di
         kernel = NUTS(model, max_plate_nesting=nesting, jit_compile=False)
         mcmc = MCMC(kernel, num_samples=opts.samples, warmup_steps=opts.warmup, num_chains=1,
                     disable_progbar=not progress)
-        mcmc.run(x)
+        mcmc.run(*args, **kwargs)
         samples = mcmc.get_samples()
         chains.append({k: samples[k].detach().cpu().numpy().reshape(opts.samples, *sites[k]["value"].shape)
                        for k in sites})

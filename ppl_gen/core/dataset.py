@@ -10,16 +10,75 @@ import torch
 from ppl_gen.core.errors import UserError
 
 
+class Rows:
+    """Data points given as several tensors that share their first dimension, such as covariates
+    and responses (X, y): the model receives them as separate arguments, ``model(X, y)`` (or, from
+    a dict, as keywords, ``model(X=..., y=...)``), and a minibatch takes the same rows of each."""
+
+    def __init__(self, *parts: torch.Tensor, names: tuple[str, ...] | None = None):
+        if not parts or not all(isinstance(p, torch.Tensor) for p in parts):
+            raise UserError("data() rows must be tensors: (X, y) or {'X': X, 'y': y}")
+        if len({p.shape[0] if p.ndim else -1 for p in parts}) != 1 or parts[0].ndim == 0:
+            shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+            raise UserError(f"the tensors of one data split must have the same number of rows (first dimension); "
+                            f"they have shapes {shapes}")
+        self.parts, self.names = tuple(parts), names
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parts[0].shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.parts[0].shape[0]
+
+    def __getitem__(self, idx) -> "Rows":
+        return Rows(*(p[idx] for p in self.parts), names=self.names)
+
+    def _map(self, fn) -> "Rows":
+        return Rows(*(fn(p) for p in self.parts), names=self.names)
+
+    def to(self, *args, **kwargs) -> "Rows":
+        return self._map(lambda p: p.to(*args, **kwargs))
+
+    def pin_memory(self) -> "Rows":
+        return self._map(lambda p: p.pin_memory())
+
+    def call(self, *extra) -> tuple[tuple, dict]:
+        """(args, kwargs) to call a model with these rows (and ``extra`` positional arguments)."""
+        if self.names:
+            return extra, dict(zip(self.names, self.parts))
+        return (*self.parts, *extra), {}
+
+
+def whole(x) -> tuple[tuple, dict]:
+    """(args, kwargs) that pass the data set ``x`` whole to a model: ``(x,)``, or a Rows' parts."""
+    return x.call() if isinstance(x, Rows) else ((x,), {})
+
+
+def parts(x) -> tuple:
+    """The tensors of ``x``: itself, or a Rows' parts."""
+    return x.parts if isinstance(x, Rows) else (x,)
+
+
 @dataclass
 class Dataset:
     """What a model file's ``data()`` returns, normalized.
 
-    ``train`` and ``test`` are tensors whose first dimension indexes data points
-    (``test`` may be None). ``labels_*`` are optional and only used for plots.
+    ``train`` and ``test`` are tensors whose first dimension indexes data points, or
+    :class:`Rows` of several such tensors (``test`` may be None). ``labels_*`` are optional and
+    only used for plots.
     """
 
-    train: torch.Tensor
-    test: torch.Tensor | None = None
+    train: torch.Tensor | Rows
+    test: torch.Tensor | Rows | None = None
     labels_train: torch.Tensor | None = None
     labels_test: torch.Tensor | None = None
     name: str = "data"
@@ -57,5 +116,22 @@ def as_dataset(value: Any) -> Dataset:
         train, test = value
         if isinstance(train, torch.Tensor) and (test is None or isinstance(test, torch.Tensor)):
             return Dataset(train=train, test=test)
-    raise UserError("data() must return a tensor, a (train, test) pair of tensors or a "
-                    f"ppl_gen.Dataset; it returned {type(value).__name__}")
+        if _is_rows(train) and (test is None or _is_rows(test)):  # ((X, y), (X_test, y_test))
+            return Dataset(train=_rows(train), test=None if test is None else _rows(test))
+    raise UserError("data() must return a tensor, a (train, test) pair of tensors, a ((X, y), (X_test, y_test)) "
+                    f"pair of row tuples (or dicts) or a ppl_gen.Dataset; it returned {type(value).__name__}")
+
+
+def _is_rows(value) -> bool:
+    if isinstance(value, Rows):
+        return True
+    items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else None
+    return bool(items) and all(isinstance(t, torch.Tensor) for t in items)
+
+
+def _rows(value) -> Rows:
+    if isinstance(value, Rows):
+        return value
+    if isinstance(value, dict):
+        return Rows(*value.values(), names=tuple(value))
+    return Rows(*value)

@@ -62,14 +62,17 @@ def quiet_libraries() -> None:
 
 def data_fingerprint(dataset: Dataset) -> str:
     """sha256 of the training and held-out tensors (shape, dtype and bytes)."""
+    from ppl_gen.core.dataset import parts
+
     h = hashlib.sha256()
-    for t in (dataset.train, dataset.test):
-        if t is None:
+    for split in (dataset.train, dataset.test):
+        if split is None:
             h.update(b"none")
             continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        for t in parts(split):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -77,7 +80,11 @@ def check_data(dataset: Dataset, file_name: str) -> None:
     """Empty data and NaN or inf values stop the run before any work, naming the split."""
     if dataset.train.shape[0] == 0:
         raise UserError(f"{file_name}'s data() returned an empty training set; return at least one data point")
-    for split, t in (("training", dataset.train), ("held-out", dataset.test)):
+    from ppl_gen.core.dataset import parts
+
+    splits = [(split, t) for split, s in (("training", dataset.train), ("held-out", dataset.test))
+              if s is not None for t in parts(s)]
+    for split, t in splits:
         if t is None or not torch.is_floating_point(t) or (dataset.nan_is_missing and not torch.isinf(t).any()):
             continue
         bad = ~torch.isfinite(t)
@@ -525,7 +532,12 @@ def _finish(setup: RunSetup, folder, config: dict, evaluate: Callable, title: st
     pictures = model_pictures(spec, setup.guide, ds, folder.path)
     if isinstance(pictures, str):
         print(f"note: {pictures}", file=sys.stderr)
-    from ppl_gen.core.posterior import diagnose, save_guide_posterior
+    from ppl_gen.core.dataset import Rows
+    from ppl_gen.core.posterior import diagnose, predictive_scores, save_guide_posterior
+
+    if isinstance(ds.test, Rows) and spec.likelihood:  # covariates: the held-out score is predictive
+        with model_code(setup.mf.path, "scoring the held-out rows"):
+            metrics.update(predictive_scores(spec.model, setup.guide, ds.test, seed=cfg.seed))
 
     # does the fit work? PSIS against the model (Yao et al. 2018); any failure is reported, not raised:
     # a diagnostic must not take a finished run down with it

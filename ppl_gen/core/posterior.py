@@ -32,6 +32,8 @@ import pyro.poutine as poutine
 from pyro.poutine.util import site_is_subsample
 import torch
 
+from ppl_gen.core.dataset import whole
+
 from ppl_gen.core.errors import UserError
 from ppl_gen.core.protocol import takes_minibatches
 
@@ -61,8 +63,10 @@ def probe_args(fn: Callable, x: torch.Tensor, device: torch.device | None = None
     device = x.device if device is None else device
     if takes_minibatches(fn) and n > PROBE_ROWS:
         idx = torch.arange(PROBE_ROWS, device=x.device)
-        return (x[idx].to(device), idx.to(device)), {"size": n}
-    return (x.to(device),), {}
+        from ppl_gen.core.train import call_args
+
+        return call_args(fn, x, idx, n, True, device)
+    return whole(x.to(device))
 
 
 def data_plates(model_trace) -> set[str]:
@@ -132,7 +136,7 @@ def trace_with_guide(model: Callable, guide: Callable, x: torch.Tensor, device: 
     if takes_minibatches(model) and takes_minibatches(guide):
         args, kwargs = probe_args(model, x, device)
     else:
-        args, kwargs = (x if device is None else x.to(device),), {}
+        args, kwargs = whole(x if device is None else x.to(device))
     with torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
@@ -255,11 +259,12 @@ def log_importance_weights(model: Callable, guide: Callable, x: torch.Tensor, nu
     from pyro.infer.importance import vectorized_importance_weights
 
     with torch.no_grad():
-        tr = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(x))).get_trace(x)
+        a, k = whole(x)
+        tr = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(*a, **k))).get_trace(*a, **k)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                lw, _, _ = vectorized_importance_weights(model, guide, x, num_samples=num_draws,
+                lw, _, _ = vectorized_importance_weights(model, guide, *a, **k, num_samples=num_draws,
                                                          max_plate_nesting=_plate_nesting(tr), normalized=False)
             if lw.shape == (num_draws,) and bool(torch.isfinite(lw).any()):
                 return lw
@@ -269,8 +274,8 @@ def log_importance_weights(model: Callable, guide: Callable, x: torch.Tensor, nu
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _ in range(num_draws):
-                g = poutine.trace(guide).get_trace(x)
-                m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x)
+                g = poutine.trace(guide).get_trace(*a, **k)
+                m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*a, **k)
                 out.append(m.log_prob_sum() - g.log_prob_sum())
                 if time.perf_counter() > deadline:  # fewer draws rather than a slow finish
                     break
@@ -318,6 +323,43 @@ def pointwise_khat(log_weights: torch.Tensor) -> dict[str, float] | None:
     return {"khat_median": float(np.median(khat)), "khat_above_0.7": float(np.mean(khat > KHAT_USABLE))}
 
 
+def predictive_scores(model: Callable, guide: Callable, x, num_draws: int = 200, seed: int = 0) -> dict:
+    """The held-out score of a model with covariates (``x`` a :class:`~ppl_gen.core.dataset.Rows`
+    of held-out (X, y)): the log pointwise predictive density
+
+        lpd = (1/N) sum_n log (1/S) sum_s p(y_n | X_n, theta_s),   theta_s ~ q
+
+    (Gelman, Hwang & Vehtari 2014, "Understanding predictive information criteria for Bayesian
+    models", Stat. Comput.), and, where the observed site is a Bernoulli or Categorical, the
+    accuracy of the predictive mean (1/S) sum_s p(y_n | X_n, theta_s). Keys ``heldout_lpd``,
+    ``heldout_accuracy``, ``predictive_draws``; ``predictive_skipped`` with the reason instead."""
+    args, kwargs = whole(x)
+    n = len(x)
+    log_p, probs = [], []
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        pyro.set_rng_seed(seed)
+        for _ in range(num_draws):
+            g = poutine.trace(guide).get_trace(*args, **kwargs)
+            m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args, **kwargs)
+            observed = [s for s in m.nodes.values() if s["type"] == "sample" and s["is_observed"]
+                        and not site_is_subsample(s)]
+            terms = [s["fn"].log_prob(s["value"]) for s in observed]
+            if not terms or any(t.shape != (n,) for t in terms):
+                return {"predictive_skipped": "the observed sites are not one value per held-out row"}
+            log_p.append(sum(terms))
+            fn = observed[0]["fn"] if len(observed) == 1 else None
+            base = getattr(fn, "base_dist", fn)
+            if isinstance(base, (torch.distributions.Bernoulli, torch.distributions.Categorical)):
+                probs.append(base.probs)
+    lp = torch.stack(log_p)                                            # [S, N]
+    out = {"heldout_lpd": (torch.logsumexp(lp, 0) - math.log(len(lp))).mean().item(), "predictive_draws": len(lp)}
+    if len(probs) == len(lp):
+        p, y = torch.stack(probs).mean(0), observed[0]["value"]
+        guess = (p > 0.5).to(y.dtype) if p.shape == y.shape else p.argmax(-1).to(y.dtype)
+        out["heldout_accuracy"] = (guess == y).double().mean().item()
+    return out
+
+
 def diagnose(model: Callable, guide: Callable, x: torch.Tensor, num_draws: int = NUM_DRAWS,
              seed: int = 0) -> dict[str, Any]:
     """The PSIS check of a fitted guide against its model on the training data ``x``, as the
@@ -325,8 +367,9 @@ def diagnose(model: Callable, guide: Callable, x: torch.Tensor, num_draws: int =
     ``is_draws`` and ``psis_verdict``; or ``diagnostics_skipped`` with the reason."""
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
         pyro.set_rng_seed(seed)
-        g = poutine.trace(guide).get_trace(x)
-        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x)
+        a, k = whole(x)
+        g = poutine.trace(guide).get_trace(*a, **k)
+        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*a, **k)
         latent = latent_sites(m)
         if not split_latents(m)[0]:
             return {"diagnostics_skipped": "no global latent variables"}

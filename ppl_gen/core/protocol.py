@@ -194,8 +194,11 @@ def autoguide(name: str, model: Callable, x: torch.Tensor, file_name: str, rank:
     import pyro.poutine as poutine
     from pyro.poutine.util import site_is_subsample
 
+    from ppl_gen.core.dataset import whole
+
+    args, kwargs = whole(x)
     with torch.no_grad(), poutine.block():
-        tr = poutine.trace(model).get_trace(x)
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
     latent = {k: s for k, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]
               and not site_is_subsample(s)}
     discrete = [k for k, s in latent.items() if s["fn"].support.is_discrete or s["infer"].get("enumerate")]
@@ -224,8 +227,13 @@ def autoguide(name: str, model: Callable, x: torch.Tensor, file_name: str, rank:
         fn = cls(model)
     else:
         fn = cls(model)
+    # its call passes every argument on to the model: minibatches where the model takes them and
+    # every latent is global (a per-point latent's value table would not follow the batch)
+    fn.minibatches = takes_minibatches(model) and not local
     if name == "AutoLaplaceApproximation":
-        return Guide(fn=fn, fitted=lambda data: fn.laplace_approximation(data))
+        from ppl_gen.core.dataset import whole
+
+        return Guide(fn=fn, fitted=lambda data: fn.laplace_approximation(*whole(data)[0], **whole(data)[1]))
     return Guide(fn=fn)
 
 
@@ -311,8 +319,12 @@ def _accepted(fn: Callable, **kwargs) -> dict:
 
 
 def takes_minibatches(fn: Callable) -> bool:
-    """A model or guide that accepts ``idx`` can be trained on minibatches."""
+    """A model or guide that accepts ``idx`` can be trained on minibatches (an automatic guide
+    says so itself: it takes what its model takes)."""
     fn = fn.fn if isinstance(fn, Guide) else fn
+    declared = getattr(fn, "minibatches", None)
+    if isinstance(declared, bool):
+        return declared
     try:
         return "idx" in inspect.signature(fn).parameters
     except (TypeError, ValueError):

@@ -19,7 +19,7 @@ import pyro
 import pyro.infer
 import torch
 
-from ppl_gen.core.dataset import Dataset
+from ppl_gen.core.dataset import Dataset, Rows, whole
 from ppl_gen.core.errors import TrainingDiverged, UserError
 from ppl_gen.core.optim import RowwiseAdam
 from ppl_gen.core.protocol import Spec, takes_minibatches
@@ -102,10 +102,13 @@ def call_args(fn: Callable, x: torch.Tensor, idx: torch.Tensor | None, size: int
     if batched is None:
         batched = takes_minibatches(fn)
     if idx is None or not batched:
-        return (x if device is None else x.to(device),), {}
+        return whole(x if device is None else x.to(device))
     batch = x[idx]
     if device is not None and batch.device != device:
         batch, idx = batch.to(device, non_blocking=True), idx.to(device)
+    if isinstance(batch, Rows):  # (X, y): model(X_b, y_b, idx, size=N)
+        args, kwargs = batch.call(idx) if not batch.names else batch.call()
+        return args, {**kwargs, **({"idx": idx} if batch.names else {}), "size": size}
     return (batch, idx), {"size": size}
 
 
