@@ -39,7 +39,7 @@ import torch
 
 from ppl_gen.core.dataset import whole
 from ppl_gen.core.errors import UserError
-from ppl_gen.core.posterior import import_arviz, site_dims, split_latents, to_inference_data, trace_model
+from ppl_gen.core.posterior import KHAT_USABLE, import_arviz, site_dims, split_latents, to_inference_data, trace_model
 
 # the forest plot shows at most this many scalar entries (the first ones in model order)
 FOREST_MAX = 40
@@ -198,7 +198,12 @@ def flatten(dataset) -> dict[str, np.ndarray]:
 
 
 def comparison(vi: dict[str, object], mcmc_idata) -> dict:
-    """Per entry: MCMC mean, sd, R-hat, ESS; each guide's mean and sd; and headline numbers."""
+    """Per entry: MCMC mean, sd, R-hat, ESS; each guide's mean and sd, its mean error in reference
+    sds, |mean(VI) - mean(MCMC)| / sd(MCMC), and the 1-Wasserstein distance between its marginal
+    and the reference's (of the draws, scipy's ``wasserstein_distance``), also in reference sds;
+    and headline numbers."""
+    from scipy.stats import wasserstein_distance
+
     az = import_arviz()
     post = mcmc_idata.posterior
     m = flatten(post)
@@ -213,6 +218,10 @@ def comparison(vi: dict[str, object], mcmc_idata) -> dict:
             if label in flat:
                 row[f"{g}_mean"] = float(flat[label].mean())
                 row[f"{g}_sd"] = float(flat[label].std(ddof=1))
+                if row["mcmc_sd"] > 0:
+                    row[f"{g}_mean_error_sds"] = abs(row[f"{g}_mean"] - row["mcmc_mean"]) / row["mcmc_sd"]
+                    row[f"{g}_w1_sds"] = float(wasserstein_distance(np.ravel(flat[label]), np.ravel(draws))
+                                               / row["mcmc_sd"])
         rows.append(row)
     finite = lambda xs: [x for x in xs if math.isfinite(x)]  # noqa: E731  (a constant entry has R-hat NaN)
     head = {"max_r_hat": max(finite([r["r_hat"] for r in rows]), default=None),
@@ -225,7 +234,10 @@ def comparison(vi: dict[str, object], mcmc_idata) -> dict:
         ratios = finite([r[f"{g}_sd"] / r["mcmc_sd"] for r in both if r["mcmc_sd"] > 0])
         head["guides"][g] = {"max_abs_mean_difference": max(diffs, default=None),
                              "median_sd_ratio_vi_to_mcmc": float(np.median(ratios)) if ratios else None,
-                             "min_sd_ratio_vi_to_mcmc": min(ratios, default=None)}
+                             "min_sd_ratio_vi_to_mcmc": min(ratios, default=None),
+                             "max_mean_error_sds": max((r[f"{g}_mean_error_sds"] for r in both
+                                                        if f"{g}_mean_error_sds" in r), default=None),
+                             "max_w1_sds": max((r[f"{g}_w1_sds"] for r in both if f"{g}_w1_sds" in r), default=None)}
     # JSON has no NaN: a constant entry (R-hat undefined) reads null
     rows = [{k: (None if isinstance(x, float) and not math.isfinite(x) else x) for k, x in r.items()} for r in rows]
     return {"rows": rows, "summary": head}
@@ -289,10 +301,13 @@ def report(out: Path, rows: list[dict], ref: dict) -> tuple[list[str], dict]:
              f"Convergence (Vehtari et al. 2021): max R-hat {fmt(s['max_r_hat'])}, min bulk ESS "
              f"{fmt(s['min_ess_bulk'], '{:.0f}')}, min tail ESS {fmt(s['min_ess_tail'], '{:.0f}')} "
              "(R-hat below 1.01 and ESS above 400 are the usual marks of a reliable reference).", ""]
+    khats = {r["guide"]: r.get("psis_khat") for r in rows}
     for g, h in s["guides"].items():
-        lines.append(f"- {g}: max |mean(VI) - mean(MCMC)| = {fmt(h['max_abs_mean_difference'])}; "
-                     f"sd(VI) / sd(MCMC): median {fmt(h['median_sd_ratio_vi_to_mcmc'], '{:.2f}')}, "
-                     f"min {fmt(h['min_sd_ratio_vi_to_mcmc'], '{:.2f}')}")
+        lines.append(f"- {g}: max |mean(VI) - mean(MCMC)| = {fmt(h['max_abs_mean_difference'])} "
+                     f"({fmt(h['max_mean_error_sds'], '{:.2f}')} reference sds); max 1-Wasserstein distance of a "
+                     f"marginal {fmt(h['max_w1_sds'], '{:.2f}')} reference sds; sd(VI) / sd(MCMC): median "
+                     f"{fmt(h['median_sd_ratio_vi_to_mcmc'], '{:.2f}')}, min {fmt(h['min_sd_ratio_vi_to_mcmc'], '{:.2f}')}"
+                     + predicted(khats.get(g), h["max_w1_sds"]))
     for g in missing:
         lines.append(f"- {g}: no posterior.nc in its run folder, left out")
     lines += ["", "![VI against MCMC: forest plot](vi_vs_mcmc.png)", ""]
@@ -313,6 +328,21 @@ def report(out: Path, rows: list[dict], ref: dict) -> tuple[list[str], dict]:
             "chains": opts.chains, "seconds": ref["seconds"], "divergences": ref["divergences"],
             "posterior": "mcmc/posterior.nc", "forest_plot": "vi_vs_mcmc.png", **cmp}
     return lines, info
+
+
+# a marginal this far from the reference's, in reference sds, is an error worth a warning
+W1_LARGE = 0.5
+
+
+def predicted(khat: float | None, w1: float | None) -> str:
+    """Did the PSIS k-hat (computed without the reference) say what the reference shows?"""
+    if khat is None or w1 is None or not math.isfinite(w1):
+        return ""
+    warned, wrong = khat > KHAT_USABLE, w1 > W1_LARGE
+    verdict = {(True, True): "k-hat warned, rightly", (False, False): "k-hat gave no warning, rightly",
+               (False, True): "k-hat gave no warning: it missed this error",
+               (True, False): "k-hat warned of an error the marginals do not show"}[warned, wrong]
+    return f"; k-hat {khat:.2f}, worst marginal {w1:.2f} sds off (large: > {W1_LARGE}): {verdict}"
 
 
 def summary_line(info: dict) -> str:

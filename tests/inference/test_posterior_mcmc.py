@@ -12,12 +12,13 @@ import shlex
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
-from inference import compare, svi
+from inference import compare, mcmc, svi
 from inference.mcmc import MCMCOptions, run_nuts
 from ppl_gen.core.posterior import guide_draws, import_arviz
 from ppl_gen.core.protocol import load_model_file
@@ -164,3 +165,22 @@ def test_one_guide_needs_mcmc(tmp_path, capsys):
     markov = str(ROOT / "models" / "markov_chain.py")
     assert compare.main([markov, "--data", "sample", "--steps", "2", "--out", str(tmp_path / "c")]) == 2
     assert "or --mcmc" in capsys.readouterr().err
+
+
+def test_per_latent_errors_against_the_reference_and_whether_khat_saw_them():
+    """Draws with known answers: a guide shifted by half a reference sd has mean error 0.5 sds and
+    1-Wasserstein distance 0.5 sds (a shift moves every quantile by it), one with the right mean
+    and twice the sd has mean error 0 and W1 = E|Z| (2 - 1) = sqrt(2/pi) sds; k-hat's verdicts."""
+    from ppl_gen.core.posterior import to_inference_data
+
+    g = np.random.default_rng(0)
+    ref = to_inference_data({"mu": g.normal(0.0, 1.0, size=(2, 20000))}, {}, {}, chains=True)
+    vi = {"shifted": to_inference_data({"mu": g.normal(0.5, 1.0, size=20000)}, {}, {}),
+          "wide": to_inference_data({"mu": g.normal(0.0, 2.0, size=20000)}, {}, {})}
+    head = mcmc.comparison(vi, ref)["summary"]["guides"]
+    assert head["shifted"]["max_mean_error_sds"] == pytest.approx(0.5, abs=0.03)
+    assert head["shifted"]["max_w1_sds"] == pytest.approx(0.5, abs=0.03)
+    assert head["wide"]["max_mean_error_sds"] == pytest.approx(0.0, abs=0.03)
+    assert head["wide"]["max_w1_sds"] == pytest.approx(math.sqrt(2 / math.pi), abs=0.03)
+    assert "missed this error" in mcmc.predicted(0.3, 0.8) and "warned, rightly" in mcmc.predicted(0.9, 0.8)
+    assert "no warning, rightly" in mcmc.predicted(0.3, 0.1) and mcmc.predicted(None, 0.1) == ""
