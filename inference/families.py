@@ -25,7 +25,6 @@ compare.md and families_samples.png (a grid of samples from each family).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -72,8 +71,11 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str], dict]:
 
 
 def train_hash(dataset) -> str:
-    t = dataset.train.detach().cpu().contiguous()
-    return hashlib.sha256(f"{tuple(t.shape)}{t.dtype}".encode() + t.numpy().tobytes()).hexdigest()[:16]
+    """The runner's data fingerprint of the training split alone (held-out splits may differ)."""
+    from ppl_gen.core.dataset import Dataset
+    from ppl_gen.core.pipeline import data_fingerprint
+
+    return data_fingerprint(Dataset(train=dataset.train))
 
 
 def check_files(files: list[str], runner: list[str]):
