@@ -63,6 +63,9 @@ def _guides_flag(parser):
                              "error (default: 1)")
     from . import mcmc
     mcmc.add_flags(parser)
+    parser.add_argument("--no-reference", action="store_true",
+                        help="leave out the comparison against the posterior the model file declares (its "
+                             "exact_posterior or shipped NUTS draws, see python -m inference.reference --help)")
     families = parser.add_argument_group("several model files (the generative families side by side)")
     families.add_argument("--sample-images", type=positive(int), metavar="N", default=None,
                           help="images each fitted model draws for the grid and the sampling time (default: 64)")
@@ -199,7 +202,7 @@ def table(rows: list[dict], declared=()) -> str:
     return "\n".join([head, rule, *body])
 
 
-def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str], spec, mcmc_ref: dict | None = None):
+def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str], spec, ref=None):
     from ppl_gen.core import plotting
     from ppl_gen.core.rundir import RunFolder
 
@@ -231,13 +234,13 @@ def write_report(out: Path, rows: list[dict], settings: dict, argv: list[str], s
         folder = r.get("folder", r["guide"])
         pngs = sorted(p.name for p in (out / folder).glob("*.png"))
         lines.append(f"- {r['guide']}: " + ", ".join(f"[{p}]({folder}/{p})" for p in pngs))
-    if mcmc_ref is not None:  # VI against a NUTS reference, with ArviZ
+    if ref is not None:  # VI against the exact posterior or NUTS draws, with ArviZ
         from . import mcmc
 
-        section, info = mcmc.report(out, rows, mcmc_ref)
+        section, info = mcmc.report(out, rows, ref)
         lines += ["", *section]
-        mcmc.write_json_section(out / "compare.json", info)
-        mcmc_ref["info"] = info
+        mcmc.write_json_section(out / "compare.json", info, ref.key)
+        ref.info = info
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     plotting.compare_curves({r["guide"]: RunFolder(out / r.get("folder", r["guide"])).read_trace() for r in rows},
                             out / "compare_elbo.png")
@@ -263,7 +266,7 @@ def warm_up(cfg: svi.RunConfig, model_file, guide: str) -> None:
 
 
 def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: list[str], mcmc_opts=None,
-                elbos_flag: str | None = None, seeds: int | None = None):
+                elbos_flag: str | None = None, seeds: int | None = None, use_reference: bool = True):
     import torch
 
     from ppl_gen.core.pipeline import RunSetup, check_new_out
@@ -277,7 +280,8 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
         available = _numpyro_guides(setup, guides_flag, mcmc_opts is not None)
     elbos = parse_elbos(elbos_flag, cfg.elbo, cfg.renyi_alpha)
     seeds = seeds or 1
-    guides = choose_guides(guides_flag, available, model_file.path.name, mcmc=mcmc_opts is not None,
+    declared = use_reference and (spec.exact_posterior is not None or spec.reference_posterior is not None)
+    guides = choose_guides(guides_flag, available, model_file.path.name, mcmc=mcmc_opts is not None or declared,
                            crossed=len(elbos) > 1 or seeds > 1)
     if mcmc_opts is not None:  # refuse before any training: can NUTS sample this model at all?
         from . import mcmc
@@ -321,14 +325,20 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             rows.append(mean_and_se(runs) if seeds > 1 else runs[0])
-    mcmc_ref = None
+    ref = None
     if mcmc_opts is not None:
         from . import mcmc
 
-        mcmc_ref = mcmc.reference(cfg, model_file, mcmc_opts, out)
-    write_report(out, rows, settings, argv, spec, mcmc_ref)
-    if mcmc_ref is not None:
-        print(mcmc.summary_line(mcmc_ref["info"]), file=sys.stderr)
+        ref = mcmc.reference(cfg, model_file, mcmc_opts, out)
+    elif declared:
+        from . import reference
+
+        ref = reference.declared(RunSetup.build(dataclasses.replace(cfg, device="cpu"), model_file), out)
+    write_report(out, rows, settings, argv, spec, ref)
+    if ref is not None:
+        from . import mcmc
+
+        print(mcmc.summary_line(ref.info), file=sys.stderr)
     return out, rows, spec
 
 
@@ -369,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.seeds or (resumed.get("settings", {}).get("seeds") if resumed else None)
         cfg_settings = {"elbos": elbos_flag, "seeds": seeds}
         out, rows, spec = run_compare(cfg, model_file, guides_flag, argv, mcmc.options_from_args(args),
-                                      elbos_flag=cfg_settings["elbos"], seeds=cfg_settings["seeds"])
+                                      elbos_flag=cfg_settings["elbos"], seeds=cfg_settings["seeds"],
+                                      use_reference=not args.no_reference)
     except UserError as e:
         svi.report_error(e, svi.wants_traceback(argv))
         return 2

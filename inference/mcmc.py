@@ -25,6 +25,7 @@ compete with torch's own threads anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -156,10 +157,21 @@ def run_nuts(model, x: torch.Tensor, opts: MCMCOptions, seed: int = 0, custom_di
     return idata, seconds, int(np.stack(diverging).sum())
 
 
-def reference(cfg, model_file, opts: MCMCOptions, out: Path) -> dict:
-    """Build the model on the run's data, run NUTS, write ``out/mcmc/posterior.nc``."""
-    import dataclasses
+@dataclass
+class Reference:
+    """The posterior the guides are set against: draws in ``idata`` and where they come from."""
 
+    idata: object
+    name: str            # the table's column: "NUTS" or "exact"
+    source: str          # the report's sentence on how the draws were made
+    sampled: bool        # MCMC draws: their R-hat and ESS belong in the report
+    path: str            # the draws' file, as the report links it
+    info: dict = dataclasses.field(default_factory=dict)   # compare.json's entry, before the comparison
+    key: str = "mcmc"    # compare.json's section
+
+
+def reference(cfg, model_file, opts: MCMCOptions, out: Path) -> Reference:
+    """Build the model on the run's data, run NUTS, write ``out/mcmc/posterior.nc``."""
     from ppl_gen.core.pipeline import RunSetup
 
     # on the CPU: NUTS's small steps gain nothing on a GPU
@@ -172,8 +184,12 @@ def reference(cfg, model_file, opts: MCMCOptions, out: Path) -> dict:
     folder = out / "mcmc"
     folder.mkdir(parents=True, exist_ok=True)
     idata.to_netcdf(str(folder / "posterior.nc"))
-    return {"idata": idata, "seconds": seconds, "divergences": divergences, "options": opts,
-            "path": folder / "posterior.nc"}
+    source = (f"Pyro's NUTS (Hoffman & Gelman 2014), {opts.chains} chain(s) x {opts.warmup} warmup + "
+              f"{opts.samples} draws, {seconds:.1f} s, {divergences} divergent transition(s); "
+              "draws in [mcmc/posterior.nc](mcmc/posterior.nc)")
+    info = {"sampler": "NUTS", "library": "pyro", "warmup": opts.warmup, "samples": opts.samples,
+            "chains": opts.chains, "seconds": seconds, "divergences": divergences, "posterior": "mcmc/posterior.nc"}
+    return Reference(idata, "NUTS", source, sampled=True, path="mcmc/posterior.nc", info=info)
 
 
 # ---------------------------------------------------------------- VI against MCMC
@@ -243,8 +259,8 @@ def comparison(vi: dict[str, object], mcmc_idata) -> dict:
     return {"rows": rows, "summary": head}
 
 
-def forest_plot(vi: dict[str, object], mcmc_idata, path: Path, title: str = "") -> Path:
-    """az.plot_forest of every guide's draws and the NUTS draws (94% HDI, quartiles, mean)."""
+def forest_plot(vi: dict[str, object], mcmc_idata, path: Path, title: str = "", ref_name: str = "NUTS") -> Path:
+    """az.plot_forest of every guide's draws and the reference draws (94% HDI, quartiles, mean)."""
     az = import_arviz()
     from ppl_gen.core import plotting  # noqa: F401  (sets the Agg backend)
     import matplotlib.pyplot as plt
@@ -257,7 +273,7 @@ def forest_plot(vi: dict[str, object], mcmc_idata, path: Path, title: str = "") 
         datas.append(az.from_dict(posterior={k: np.atleast_2d(flat[k]) for k in labels if k in flat}))
         names.append(f"VI: {g}")
     datas.append(az.from_dict(posterior={k: m[k] for k in labels}))
-    names.append("NUTS")
+    names.append(ref_name)
     height = 1.4 + 0.22 * len(labels) * (len(datas) + 1)
     axes = az.plot_forest(datas, model_names=names, var_names=labels, combined=True, hdi_prob=0.94,
                           figsize=(8.0, height), textsize=9)
@@ -277,8 +293,8 @@ def forest_plot(vi: dict[str, object], mcmc_idata, path: Path, title: str = "") 
     return path
 
 
-def report(out: Path, rows: list[dict], ref: dict) -> tuple[list[str], dict]:
-    """The VI-against-MCMC section of compare.md (and its compare.json entry); writes the plot."""
+def report(out: Path, rows: list[dict], ref: Reference) -> tuple[list[str], dict]:
+    """The VI-against-reference section of compare.md (and its compare.json entry); writes the plot."""
     az = import_arviz()
     vi, missing = {}, []
     for r in rows:
@@ -287,46 +303,47 @@ def report(out: Path, rows: list[dict], ref: dict) -> tuple[list[str], dict]:
             vi[r["guide"]] = az.from_netcdf(str(p))
         else:
             missing.append(r["guide"])
-    opts, idata = ref["options"], ref["idata"]
-    cmp = comparison(vi, idata)
-    forest_plot(vi, idata, out / "vi_vs_mcmc.png", title=f"{rows[0]['model']}: VI against NUTS")
+    cmp = comparison(vi, ref.idata)
+    plot = "vi_vs_mcmc.png" if ref.sampled else f"vi_vs_{ref.name}.png"
+    forest_plot(vi, ref.idata, out / plot, title=f"{rows[0]['model']}: VI against {ref.name}", ref_name=ref.name)
     s = cmp["summary"]
+
     def fmt(x, f="{:.3f}"):
         return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f.format(x)
 
-    lines = ["## VI against MCMC", "",
-             f"Reference: Pyro's NUTS (Hoffman & Gelman 2014), {opts.chains} chain(s) x {opts.warmup} warmup + "
-             f"{opts.samples} draws, {ref['seconds']:.1f} s, {ref['divergences']} divergent transition(s); "
-             f"draws in [mcmc/posterior.nc](mcmc/posterior.nc). Each guide: its posterior.nc draws. "
-             f"Convergence (Vehtari et al. 2021): max R-hat {fmt(s['max_r_hat'])}, min bulk ESS "
-             f"{fmt(s['min_ess_bulk'], '{:.0f}')}, min tail ESS {fmt(s['min_ess_tail'], '{:.0f}')} "
-             "(R-hat below 1.01 and ESS above 400 are the usual marks of a reliable reference).", ""]
+    lines = ["## VI against MCMC" if ref.sampled else f"## VI against the {ref.name} posterior", "",
+             f"Reference: {ref.source}. Each guide: its posterior.nc draws."]
+    if ref.sampled:
+        lines[-1] += (f" Convergence (Vehtari et al. 2021): max R-hat {fmt(s['max_r_hat'])}, min bulk ESS "
+                      f"{fmt(s['min_ess_bulk'], '{:.0f}')}, min tail ESS {fmt(s['min_ess_tail'], '{:.0f}')} "
+                      "(R-hat below 1.01 and ESS above 400 are the usual marks of a reliable reference).")
+    lines.append("")
     khats = {r["guide"]: r.get("psis_khat") for r in rows}
     for g, h in s["guides"].items():
-        lines.append(f"- {g}: max |mean(VI) - mean(MCMC)| = {fmt(h['max_abs_mean_difference'])} "
+        lines.append(f"- {g}: max |mean(VI) - mean({ref.name})| = {fmt(h['max_abs_mean_difference'])} "
                      f"({fmt(h['max_mean_error_sds'], '{:.2f}')} reference sds); max 1-Wasserstein distance of a "
-                     f"marginal {fmt(h['max_w1_sds'], '{:.2f}')} reference sds; sd(VI) / sd(MCMC): median "
+                     f"marginal {fmt(h['max_w1_sds'], '{:.2f}')} reference sds; sd(VI) / sd({ref.name}): median "
                      f"{fmt(h['median_sd_ratio_vi_to_mcmc'], '{:.2f}')}, min {fmt(h['min_sd_ratio_vi_to_mcmc'], '{:.2f}')}"
                      + predicted(khats.get(g), h["max_w1_sds"]))
     for g in missing:
         lines.append(f"- {g}: no posterior.nc in its run folder, left out")
-    lines += ["", "![VI against MCMC: forest plot](vi_vs_mcmc.png)", ""]
+    lines += ["", f"![VI against {ref.name}: forest plot]({plot})", ""]
     guides = list(vi)
-    head = ("| parameter | MCMC mean | MCMC sd | " + " | ".join(f"{g} mean | {g} sd" for g in guides)
-            + " | R-hat | ESS bulk | ESS tail |")
-    lines += [head, "|---|" + "---:|" * (2 + 2 * len(guides) + 3)]
+    tail = " R-hat | ESS bulk | ESS tail |" if ref.sampled else ""
+    head = (f"| parameter | {ref.name} mean | {ref.name} sd | " + " | ".join(f"{g} mean | {g} sd" for g in guides)
+            + " |" + tail)
+    lines += [head, "|---|" + "---:|" * (2 + 2 * len(guides) + (3 if ref.sampled else 0))]
     for r in cmp["rows"][:TABLE_MAX]:
         cells = [fmt(r["mcmc_mean"]), fmt(r["mcmc_sd"])]
         for g in guides:
             cells += [fmt(r.get(f"{g}_mean")), fmt(r.get(f"{g}_sd"))]
-        cells += [fmt(r["r_hat"]), fmt(r["ess_bulk"], "{:.0f}"), fmt(r["ess_tail"], "{:.0f}")]
+        if ref.sampled:
+            cells += [fmt(r["r_hat"]), fmt(r["ess_bulk"], "{:.0f}"), fmt(r["ess_tail"], "{:.0f}")]
         lines.append(f"| {r['parameter']} | " + " | ".join(cells) + " |")
     if len(cmp["rows"]) > TABLE_MAX:
         lines.append(f"\n(first {TABLE_MAX} of {len(cmp['rows'])} entries; compare.json has all)")
     lines.append("")
-    info = {"sampler": "NUTS", "library": "pyro", "warmup": opts.warmup, "samples": opts.samples,
-            "chains": opts.chains, "seconds": ref["seconds"], "divergences": ref["divergences"],
-            "posterior": "mcmc/posterior.nc", "forest_plot": "vi_vs_mcmc.png", **cmp}
+    info = {**ref.info, "reference": ref.name, "forest_plot": plot, **cmp}
     return lines, info
 
 
@@ -348,16 +365,21 @@ def predicted(khat: float | None, w1: float | None) -> str:
 def summary_line(info: dict) -> str:
     f = lambda x, spec=".3f": "n/a" if x is None else format(x, spec)  # noqa: E731
     s = info["summary"]
-    parts = [f"NUTS {info['chains']}x{info['samples']} in {info['seconds']:.1f} s, max R-hat "
-             f"{f(s['max_r_hat'])}, min bulk ESS {f(s['min_ess_bulk'], '.0f')}"]
+    if info.get("sampler") == "NUTS":
+        made = f"in {info['seconds']:.1f} s" if info.get("seconds") is not None else "shipped"
+        parts = [f"NUTS {info['chains']}x{info['samples']} {made}, max R-hat "
+                 f"{f(s['max_r_hat'])}, min bulk ESS {f(s['min_ess_bulk'], '.0f')}"]
+    else:
+        parts = [f"against the {info['reference']} posterior ({info.get('draws', '?')} independent draws)"]
     for g, h in s["guides"].items():
         parts.append(f"{g}: max |mean diff| {f(h['max_abs_mean_difference'])}, "
+                     f"worst marginal {f(h['max_w1_sds'], '.2f')} sds off (1-Wasserstein), "
                      f"median sd ratio {f(h['median_sd_ratio_vi_to_mcmc'], '.2f')}")
     return "; ".join(parts)
 
 
-def write_json_section(path: Path, info: dict) -> None:
-    """Add the MCMC section to an existing compare.json."""
+def write_json_section(path: Path, info: dict, key: str = "mcmc") -> None:
+    """Add the reference's section ("mcmc" or "exact") to an existing compare.json."""
     data = json.loads(path.read_text())
-    data["mcmc"] = info
+    data[key] = info
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")

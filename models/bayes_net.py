@@ -317,13 +317,20 @@ def build(options: Options, dataset: Dataset) -> Spec:
         learn = Learning(net, options, device)
         # posterior.nc: theta_v has one dimension per parent and one for v, labelled by state names
         dims = {f"theta_{v}": {u: net.states[u] for u in net.parents[v] + [v]} for v in net.order}
+        conjugate = learn.conjugate(dataset.train)
+        exact = lambda n: {f"theta_{v}": dist.Dirichlet(k.float()).sample((n,))  # noqa: E731
+                           for v, k in conjugate.items()}
         return Spec(model=learn.model, guides={"dirichlet": learn.dirichlet_guide},
                     evaluate=learn.evaluate, description="CPT learning with Dirichlet priors",
-                    posterior_dims=dims)
+                    posterior_dims=dims, exact_posterior=exact)
     evidence = resolve_evidence(net, options)
     inf = Inference(net, evidence, resolve_query(net, evidence, options), options, device)
+    # the exact marginals P(z_v | e) by variable elimination, drawn one latent at a time (each scheme's
+    # error is measured marginal by marginal)
+    exact = lambda n: {v: dist.Categorical(probs=inf.exact.marginals[v].float()).sample((n,))  # noqa: E731
+                       for v in inf.latents}
     return Spec(model=inf.model, guides={"mean_field": inf.mean_field}, evaluate=inf.evaluate,
-                plots=inf.plots, description=__doc__.split("\n")[0])
+                plots=inf.plots, exact_posterior=exact, description=__doc__.split("\n")[0])
 
 
 # ---------------------------------------------------------------- the picture

@@ -129,6 +129,12 @@ class GaussianNet:
         values = torch.tensor([self.evidence[NODES[i]] for i in self.observed], dtype=torch.float64)
         return condition(mean, cov, self.observed, values)
 
+    def draw_posterior(self, n: int) -> dict:
+        """n exact draws of the latents, jointly Gaussian, one site each."""
+        mu, Sigma = self.exact()
+        z = dist.MultivariateNormal(mu, Sigma).sample((n,))
+        return {v: z[:, i] for i, v in enumerate(self.latents)}
+
     # -- each fitted guide's q(z) = N(m, S), read from Pyro's store ---------------------
     def q_mean_field(self) -> tuple[torch.Tensor, torch.Tensor]:
         """m = (m_v), S = diag(s_v^2)."""
@@ -215,8 +221,8 @@ def plot_pairs(net: GaussianNet, q: tuple[torch.Tensor, torch.Tensor], guide_nam
 
 def build(options: Options, dataset: Dataset) -> Spec:
     net = GaussianNet(options, dataset.train.device)
-    return Spec(model=net.model, guides=net.guides(),
-                evaluate=net.evaluate, plots=net.plots, description=__doc__.split("\n")[0])
+    return Spec(model=net.model, guides=net.guides(), evaluate=net.evaluate, plots=net.plots,
+                exact_posterior=net.draw_posterior, description=__doc__.split("\n")[0])
 
 
 def numpyro_twin(options: Options, dataset: Dataset):

@@ -244,8 +244,10 @@ class MarkovChain:
 
 def build(options: Options, dataset: Dataset) -> Spec:
     chain = MarkovChain(options, dataset)
+    # the conjugate posterior, drawn: theta_c ~ Dirichlet(alpha + N_c), each row independently
+    exact = lambda n: {"theta": dist.Dirichlet(chain.exact_posterior(dataset.train)).sample((n,))}  # noqa: E731
     return Spec(model=chain.model, guides={"dirichlet": chain.guide}, evaluate=chain.evaluate,
-                plots=chain.plots, description=__doc__.split("\n")[0])
+                plots=chain.plots, exact_posterior=exact, description=__doc__.split("\n")[0])
 
 
 def numpyro_twin(options: Options, dataset: Dataset):

@@ -108,6 +108,11 @@ class NormalMean:
         return dist.MultivariateNormal(torch.full((n,), o.prior_mean, dtype=torch.float64),
                                        cov).log_prob(x.double().cpu()).item()
 
+    def draw_posterior(self, x: torch.Tensor, n: int) -> dict:
+        """n exact draws of mu ~ N(mu_N, tau_N^2)."""
+        mean, sd = self.posterior(x)
+        return {"mu": dist.Normal(x.new_tensor(mean), x.new_tensor(sd)).sample((n,))}
+
     def evaluate(self, run) -> dict:
         x = run.dataset.train
         mean, sd = self.posterior(x)
@@ -128,6 +133,7 @@ class NormalGuide(Guide):
 def build(options: Options, dataset: Dataset) -> Spec:
     nm = NormalMean(options)
     return Spec(model=nm.model, guides=nm.guides(), evaluate=nm.evaluate,
+                exact_posterior=lambda n: nm.draw_posterior(dataset.train, n),
                 description=__doc__.split("\n")[0])
 
 

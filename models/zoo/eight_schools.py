@@ -17,6 +17,10 @@ import torch
 
 Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
 SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
+REFERENCE_POSTERIOR = "references/eight_schools.nc"
+# ^ NUTS on the non-centered form, the same posterior without the funnel (its divergences):
+#   python -m inference.reference models/zoo/eight_schools.py --via models/zoo/eight_schools_noncentered.py --seed 100
+#   (its own seed: a run apart from the non-centered file's reference, so the two check each other)
 DEFAULTS = {"steps": 3000, "lr": 0.02}
 
 

@@ -14,6 +14,8 @@ import pyro.distributions as dist
 # the same data, the same runner defaults: only the parametrization differs
 from models.zoo.eight_schools import DEFAULTS, SIGMA, Y, data  # noqa: F401
 
+REFERENCE_POSTERIOR = "references/eight_schools_noncentered.nc"   # python -m inference.reference models/zoo/eight_schools_noncentered.py
+
 
 def model(y):
     sigma = y.new_tensor(SIGMA)

@@ -17,6 +17,7 @@ import torch
 
 from ppl_gen import data_plate
 
+REFERENCE_POSTERIOR = "references/logistic_regression.nc"   # python -m inference.reference models/zoo/logistic_regression.py
 DEFAULTS = {"steps": 3000, "lr": 0.02}
 
 

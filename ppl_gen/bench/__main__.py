@@ -15,6 +15,7 @@ BENCHES = {
     "threads": "the runner's default thread count against --threads 1, quiet and under contention",
     "startup": "a 1-step run of the README's model file against import pyro",
     "autoguides": "Pyro's automatic guides against hand-written guides of the same family, per SVI step",
+    "zoo": "every scheme on every zoo model against its reference posterior: k-hat, error, held-out, ms/step",
     "vi": "KL(q||p) against KL(p||q) on a bimodal target; score-function against reparameterized gradients",
     "gpu": "every CUDA test and the GPU benchmarks (VAE, LDA, PixelCNN, diffusion) in one JSON and one table",
     "distributed": "data-parallel SVI (torchrun, gloo): steps/s and samples/s on 1 and 2 ranks, VAE and LDA",

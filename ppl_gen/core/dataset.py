@@ -58,6 +58,42 @@ class Rows:
         return (*self.parts, *extra), {}
 
 
+class NoData(Rows):
+    """Nothing observed: a model file whose ``data()`` returns None defines a target density over
+    its latents alone (Neal's funnel, a prior), and its model takes no data arguments. It counts
+    as one data point, so per-point figures (ELBO, log p(x)) are the totals."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.parts, self.names, self._device = (), None, torch.device(device)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size([1])
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.get_default_dtype()
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, idx) -> "NoData":
+        return self
+
+    def _map(self, fn) -> "NoData":
+        return self
+
+    def to(self, device=None, *args, **kwargs) -> "NoData":
+        return NoData(device) if isinstance(device, (torch.device, str)) else self
+
+    def call(self, *extra) -> tuple[tuple, dict]:
+        return (), {}
+
+
 def whole(x) -> tuple[tuple, dict]:
     """(args, kwargs) that pass the data set ``x`` whole to a model: ``(x,)``, or a Rows' parts."""
     return x.call() if isinstance(x, Rows) else ((x,), {})
@@ -110,6 +146,8 @@ def as_dataset(value: Any) -> Dataset:
     """Accept a Dataset, a tensor (train only) or a (train, test) pair."""
     if isinstance(value, Dataset):
         return value
+    if value is None:  # a target density with nothing observed
+        return Dataset(train=NoData(), name="none")
     if isinstance(value, torch.Tensor):
         return Dataset(train=value)
     if isinstance(value, (tuple, list)) and len(value) == 2:
@@ -118,7 +156,7 @@ def as_dataset(value: Any) -> Dataset:
             return Dataset(train=train, test=test)
         if _is_rows(train) and (test is None or _is_rows(test)):  # ((X, y), (X_test, y_test))
             return Dataset(train=_rows(train), test=None if test is None else _rows(test))
-    raise UserError("data() must return a tensor, a (train, test) pair of tensors, a ((X, y), (X_test, y_test)) "
+    raise UserError("data() must return a tensor, None (nothing observed), a (train, test) pair of tensors, a ((X, y), (X_test, y_test)) "
                     f"pair of row tuples (or dicts) or a ppl_gen.Dataset; it returned {type(value).__name__}")
 
 

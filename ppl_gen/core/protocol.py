@@ -16,7 +16,14 @@ A richer file may add, all optional:
 * ``build(options, dataset[, elbo]) -> ppl_gen.Spec``: for models whose networks depend
   on the options or the data; the Spec carries model, guides, evaluation and plots
   (``elbo``, the ``--elbo`` name, is passed when build accepts it);
-* ``DEFAULTS = {"steps": ..., "lr": ..., "batch_size": ...}``: runner defaults for this model.
+* ``DEFAULTS = {"steps": ..., "lr": ..., "batch_size": ...}``: runner defaults for this model;
+* ``exact_posterior(n[, dataset])``: n independent draws of each latent from the exact posterior,
+  ``{site: tensor [n, *shape]}``, or ``REFERENCE_POSTERIOR = "references/NAME.nc"``: NUTS draws
+  shipped beside the file (``python -m inference.reference FILE`` makes them); either is the
+  reference ``inference.compare`` measures every scheme's error against.
+
+``data()`` may return None: nothing is observed, and ``model()`` takes no arguments (a target
+density over the latents alone, such as Neal's funnel).
 
 Minibatching: a model and guide that take ``(x, idx=None, size=None)`` are trained on
 minibatches: ``x`` holds the batch rows, ``idx`` their row numbers in the full set and
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import sys
@@ -143,6 +151,12 @@ class Spec:
     # sample(n) -> n draws x ~ p_theta(x) from the fitted model, flat (n, D), in the data's own form
     # (binary pixels for binarized images): what inference.compare's families table scores and shows
     sample: Callable[[int], torch.Tensor] | None = None
+    # the posterior every scheme is measured against (inference.compare, ppl_gen.bench zoo), when the
+    # model file knows it: exact_posterior(n) -> {latent site: n independent exact draws, [n, *shape]}
+    # (a conjugate model's closed form); or reference_posterior, the path of an ArviZ netcdf of
+    # NUTS draws on the file's default data, made by ``python -m inference.reference FILE``
+    exact_posterior: Callable[[int], dict] | None = None
+    reference_posterior: str | Path | None = None
 
     # Pyro's automatic guides set up for this run (by ppl_gen.core.pipeline), by class name
     auto: dict[str, "Guide"] = field(default_factory=dict)
@@ -305,9 +319,15 @@ class ModelFile:
         guides = dict(getattr(mod, "guides", None) or {})
         if not guides and callable(getattr(mod, "guide", None)):
             guides = {"guide": mod.guide}
+        exact = getattr(mod, "exact_posterior", None)
+        if exact is not None:
+            extra = _accepted(exact, dataset=dataset, options=options)
+            exact = functools.partial(exact, **extra)
+        shipped = getattr(mod, "REFERENCE_POSTERIOR", None)
         return Spec(model=mod.model, guides=guides,
                     evaluate=getattr(mod, "evaluate", None), plots=getattr(mod, "plots", None),
-                    description=(mod.__doc__ or "").strip().split("\n")[0])
+                    description=(mod.__doc__ or "").strip().split("\n")[0], exact_posterior=exact,
+                    reference_posterior=None if shipped is None else self.path.parent / shipped)
 
 
 def _accepted(fn: Callable, **kwargs) -> dict:

@@ -161,10 +161,14 @@ def test_mcmc_refuses_what_nuts_cannot_sample(args, why, tmp_path, capsys):
     assert not (tmp_path / "c").exists()                      # refused before any training
 
 
-def test_one_guide_needs_mcmc(tmp_path, capsys):
+def test_one_guide_needs_a_reference(tmp_path, capsys):
+    """One guide is a comparison against the file's exact posterior (the Markov chain's Dirichlet
+    rows), or against NUTS; without either it is refused."""
     markov = str(ROOT / "models" / "markov_chain.py")
-    assert compare.main([markov, "--data", "sample", "--steps", "2", "--out", str(tmp_path / "c")]) == 2
+    assert compare.main([markov, "--data", "sample", "--steps", "2", "--no-reference", "--out", str(tmp_path / "c")]) == 2
     assert "or --mcmc" in capsys.readouterr().err
+    assert compare.main([markov, "--data", "sample", "--steps", "2", "--no-progress", "--out", str(tmp_path / "d")]) == 0
+    assert "exact" in json.loads((tmp_path / "d" / "compare.json").read_text())
 
 
 def test_per_latent_errors_against_the_reference_and_whether_khat_saw_them():
