@@ -28,6 +28,7 @@ is one ``error:`` line naming the extra to install.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 from ppl_gen.core.errors import TrainingDiverged, UserError
@@ -91,36 +92,181 @@ def load_twin(mf, options, dataset):
 
 CLOSED_FORM = "fitted by closed-form updates, which run on Pyro only"
 
-# Pyro's automatic guides that NumPyro has a class of the same name for, with how NumPyro's
-# parameter names ("mu_auto_loc") map to the Pyro store's ("AutoNormal.locs.mu"): suffix -> prefix.
-# Both keep the same numbers in the same spaces (the loc unconstrained, the scale positive; a
-# point mass's loc in the site's support), so values pass between the two by name.
-NUMPYRO_AUTOGUIDES = {"AutoNormal": {"_auto_loc": "AutoNormal.locs.", "_auto_scale": "AutoNormal.scales."},
-                      "AutoDelta": {"_auto_loc": "AutoDelta."}}
+
+# ---------------------------------------------------------------- Pyro's automatic guides on NumPyro
+def _same(params: dict) -> dict:
+    return params
 
 
-def numpyro_autoguide(name: str, twin_model: Callable) -> Callable:
+def _mvn_to_pyro(params: dict) -> dict:
+    """NumPyro's ``auto_scale_tril`` L (the covariance's lower Cholesky factor) -> Pyro 1.9's
+    factors of the same L: ``L = scale[:, None] * scale_tril``, ``scale`` positive and
+    ``scale_tril`` unit lower triangular, so ``scale = diag L`` and ``scale_tril`` is L with
+    row i divided by L_ii."""
+    import numpy as np
+
+    out = dict(params)
+    L = np.asarray(out.pop("auto_scale_tril"))
+    scale = np.diagonal(L, axis1=-2, axis2=-1)
+    out["AutoMultivariateNormal.scale"] = scale
+    out["AutoMultivariateNormal.scale_tril"] = L / scale[..., None]
+    return out
+
+
+def _mvn_from_pyro(params: dict) -> dict:
+    """The inverse of :func:`_mvn_to_pyro`: ``L = scale[:, None] * scale_tril``."""
+    import numpy as np
+
+    out = dict(params)
+    scale = np.asarray(out.pop("AutoMultivariateNormal.scale"))
+    out["auto_scale_tril"] = scale[..., None] * np.asarray(out.pop("AutoMultivariateNormal.scale_tril"))
+    return out
+
+
+@dataclass(frozen=True)
+class Carried:
+    """How NumPyro's automatic guide of one class stands for Pyro's class of the same name.
+
+    ``names``: NumPyro's parameter name -> the Pyro store's, as templates over a latent site's
+    name (``"{site}_auto_loc" -> "AutoNormal.locs.{site}"``); such a pair holds the same numbers
+    in the same spaces in both libraries. A NumPyro parameter no template names keeps its own
+    name: it holds Pyro's numbers in another parameterization, and ``to_pyro`` / ``from_pyro``
+    convert the constrained values (Pyro's names <-> NumPyro's) exactly.
+    ``flat``: the guide is a density over one vector of all latents' unconstrained values
+    (Pyro's and NumPyro's ``AutoContinuous``), which both libraries must lay out alike
+    (:meth:`NumpyroAutoguide.check_layout`)."""
+
+    names: dict[str, str]
+    to_pyro: Callable[[dict], dict] = _same
+    from_pyro: Callable[[dict], dict] = _same
+    flat: bool = False
+
+
+# Pyro's automatic guides that NumPyro has a class of the same name for (Pyro 1.9's
+# pyro.infer.autoguide, NumPyro's numpyro.infer.autoguide). Per class, what each parameter is:
+#   AutoNormal, AutoDelta: one loc (and scale) per site, the same in both (a point mass's loc in the
+#     site's support, AutoNormal's loc unconstrained and its scale softplus-positive).
+#   AutoLowRankMultivariateNormal: z ~ N(loc, (scale * W)(scale * W)^T + diag(scale^2)) in both, with
+#     W = cov_factor (D x rank) and scale softplus-positive: the same three parameters.
+#   AutoLaplaceApproximation: the MAP's loc in both; the Gaussian at it is formed afterwards, on the
+#     Pyro side (Pyro's laplace_approximation, the inverse Hessian of -log p(x, z) at loc).
+#   AutoMultivariateNormal: z ~ N(loc, L L^T). NumPyro keeps L (scaled unit lower Cholesky), Pyro 1.9
+#     keeps scale and scale_tril with L = scale[:, None] * scale_tril: converted by _mvn_to_pyro. Both
+#     optimize the same unconstrained numbers (the strictly lower entries of scale_tril and
+#     softplus^-1(scale): NumPyro's ScaledUnitLowerCholeskyTransform), so Adam walks the same path.
+NUMPYRO_AUTOGUIDES = {
+    "AutoNormal": Carried({"{site}_auto_loc": "AutoNormal.locs.{site}",
+                           "{site}_auto_scale": "AutoNormal.scales.{site}"}),
+    "AutoDelta": Carried({"{site}_auto_loc": "AutoDelta.{site}"}),
+    "AutoMultivariateNormal": Carried({"auto_loc": "AutoMultivariateNormal.loc"},
+                                      to_pyro=_mvn_to_pyro, from_pyro=_mvn_from_pyro, flat=True),
+    "AutoLowRankMultivariateNormal": Carried({"auto_loc": "AutoLowRankMultivariateNormal.loc",
+                                              "auto_cov_factor": "AutoLowRankMultivariateNormal.cov_factor",
+                                              "auto_scale": "AutoLowRankMultivariateNormal.scale"}, flat=True),
+    "AutoLaplaceApproximation": Carried({"auto_loc": "AutoLaplaceApproximation.loc"}, flat=True),
+}
+
+# Pyro's automatic guides that stay on Pyro, and why (one line each)
+NOT_CARRIED = {
+    "AutoIAFNormal": "Pyro's AutoIAFNormal orders its autoregressive network's inputs by a random permutation "
+                     "(torch.randperm) where NumPyro's fixes the identity order, and their default flows differ "
+                     "(Pyro: one flow, one ReLU layer of 3D+1 units; NumPyro: three flows, two ELU layers of D "
+                     "units), so Pyro's flow has no exact NumPyro counterpart",
+}
+
+
+def autoguide_refusal(name: str) -> str | None:
+    """Why Pyro's automatic guide ``name`` cannot run as NumPyro's, or None when it can."""
+    if name in NUMPYRO_AUTOGUIDES:
+        return None
+    reason = NOT_CARRIED.get(name, f"NumPyro has no {name} that reads Pyro's parameters")
+    return f"{reason}; {', '.join(NUMPYRO_AUTOGUIDES)} are carried over"
+
+
+class NumpyroAutoguide:
+    """NumPyro's automatic guide ``name`` (``rank``: AutoLowRankMultivariateNormal's, as Pyro's
+    ``--rank``; None is round(sqrt(D)) in both) on the twin's model, its parameters named as
+    Pyro's class of the same name names them in Pyro's store (:class:`Carried`).
+
+    ``to_pyro`` / ``from_pyro`` carry constrained values between NumPyro's parameters and Pyro's
+    store; parameters of the model itself pass unchanged."""
+
+    def __init__(self, name: str, twin_model: Callable, rank: int | None = None):
+        import re
+
+        import numpyro.infer.autoguide as autoguides
+        from numpyro.primitives import Messenger
+
+        self.name, self.carried = name, NUMPYRO_AUTOGUIDES[name]
+        kwargs = {"rank": rank} if name == "AutoLowRankMultivariateNormal" else {}
+        self.auto = getattr(autoguides, name)(twin_model, **kwargs)
+        patterns = [(re.compile(re.escape(a).replace(re.escape("{site}"), "(?P<site>.+)") + "$"), b)
+                    for a, b in self.carried.names.items()]
+
+        class PyroNames(Messenger):
+            def process_message(self, msg):
+                if msg["type"] == "param":
+                    for pattern, target in patterns:
+                        found = pattern.match(msg["name"])
+                        if found:
+                            msg["name"] = target.format(**found.groupdict())
+                            break
+
+        self._names = PyroNames
+
+    def __call__(self, *args, **kwargs):
+        with self._names():
+            return self.auto(*args, **kwargs)
+
+    def to_pyro(self, params: dict) -> dict:
+        return self.carried.to_pyro(params)
+
+    def from_pyro(self, params: dict) -> dict:
+        return self.carried.from_pyro(params)
+
+    def check_layout(self, pyro_guide, *args, **kwargs) -> None:
+        """Both libraries' ``AutoContinuous`` read one vector u of the latents' unconstrained
+        values, site by site in the model's order, each through biject_to(its support) (Pyro:
+        ``AutoContinuous._unpack_latent``; NumPyro: ``_unpack_latent`` over ``_init_locs``). A
+        loc or covariance carries over exactly only where both read the same u as the same
+        latent values: checked here on a probe u (distinct entries, so a swapped order shows),
+        against Pyro's guide once its parameters exist. A site whose support maps differently
+        in the two (Pyro's lower-Cholesky latent is a D x D matrix, NumPyro's a D(D+1)/2
+        vector) is one error line."""
+        if not self.carried.flat:
+            return
+        import jax
+        import numpy as np
+        import torch
+        from numpyro import handlers
+        from numpyro.distributions.transforms import biject_to as jax_biject_to
+        from torch.distributions import biject_to
+
+        if self.auto.prototype_trace is None:  # NumPyro sets its layout up on the first call
+            handlers.trace(handlers.seed(self, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+        refuse = f"--backend numpyro cannot carry Pyro's {self.name} over to NumPyro's: {{}}; use --backend pyro"
+        if self.auto.latent_dim != pyro_guide.latent_dim:
+            raise UserError(refuse.format(f"Pyro's latent vector has {pyro_guide.latent_dim} numbers, NumPyro's "
+                                          f"{self.auto.latent_dim} (a support with different unconstrained spaces)"))
+        u = np.sin(1.0 + np.arange(self.auto.latent_dim))
+        with torch.no_grad():
+            ours = {s["name"]: biject_to(s["fn"].support)(v).cpu().numpy()
+                    for s, v in pyro_guide._unpack_latent(pyro_guide.loc.new_tensor(u))}
+        theirs = {k: np.asarray(jax_biject_to(self.auto.prototype_trace[k]["fn"].support)(v))
+                  for k, v in self.auto._unpack_latent(u.astype(np.asarray(self.auto._init_latent).dtype)).items()}
+        if list(ours) != list(theirs):
+            raise UserError(refuse.format(f"the model's latents come in the order {', '.join(ours)}, the twin's in "
+                                          f"{', '.join(theirs)} (numpyro_twin must sample them in the model's order)"))
+        for k in ours:
+            if ours[k].shape != theirs[k].shape or not np.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6):
+                raise UserError(refuse.format(f"the two read latent site {k!r} from the latent vector differently "
+                                              "(its support's unconstrained space differs)"))
+
+
+def numpyro_autoguide(name: str, twin_model: Callable, rank: int | None = None) -> NumpyroAutoguide:
     """NumPyro's automatic guide ``name`` on the twin's model, its parameters named as Pyro's
     guide of the same class names them in Pyro's store."""
-    import numpyro.infer.autoguide as autoguides
-    from numpyro.primitives import Messenger
-
-    suffixes = NUMPYRO_AUTOGUIDES[name]
-
-    class PyroNames(Messenger):
-        def process_message(self, msg):
-            if msg["type"] == "param":
-                for suffix, prefix in suffixes.items():
-                    if msg["name"].endswith(suffix):
-                        msg["name"] = prefix + msg["name"][: -len(suffix)]
-                        break
-
-    auto = getattr(autoguides, name)(twin_model)
-
-    def guide(*args, **kwargs):
-        with PyroNames():
-            return auto(*args, **kwargs)
-    return guide
+    return NumpyroAutoguide(name, twin_model, rank)
 
 
 def unsupported(spec, twin, name: str) -> str | None:
@@ -129,8 +275,7 @@ def unsupported(spec, twin, name: str) -> str | None:
     from ppl_gen.core.protocol import AUTOGUIDES
 
     if name in AUTOGUIDES and name not in spec.guides:
-        return None if name in NUMPYRO_AUTOGUIDES else (f"Pyro's {name} is not carried over to NumPyro's; "
-                                                         f"{' and '.join(NUMPYRO_AUTOGUIDES)} are")
+        return autoguide_refusal(name)
     if spec.resolve(name).update is not None:
         return CLOSED_FORM
     if name in twin.refused:
@@ -243,6 +388,11 @@ class NumpyroTrainer:
         self.model, self.guide, self.schedule = twin_model, twin_guide, schedule
         self.x = x                                   # the whole training set, a JAX array
         self.n = int(x.shape[0])
+        # Pyro's automatic guide run as NumPyro's: its parameters are NumPyro's, the start and
+        # the fitted values Pyro's store's (NumpyroAutoguide.from_pyro / to_pyro)
+        self.auto = twin_guide if isinstance(twin_guide, NumpyroAutoguide) else None
+        if self.auto is not None:
+            init_params = self.auto.from_pyro(init_params)
         self.optim = adam(lr, local_params, local_lr, param_lr=param_lr)
         self.svi = SVI(twin_model, twin_guide, self.optim,
                        elbo_class(elbo_name)(num_particles=num_particles))
@@ -314,7 +464,8 @@ class NumpyroTrainer:
         """Constrained parameter values (numpy), as Pyro's store holds them."""
         import numpy as np
 
-        return {k: np.asarray(v) for k, v in self.svi.get_params(self.state).items()}
+        values = {k: np.asarray(v) for k, v in self.svi.get_params(self.state).items()}
+        return values if self.auto is None else self.auto.to_pyro(values)
 
     # -- checkpoint state: torch tensors only, so weights_only loading works -----------
     def state_dict(self, step: int) -> dict:
@@ -395,15 +546,15 @@ class NumpyroBackend:
         from ppl_gen.core.protocol import AUTOGUIDES
 
         auto = setup.guide_name in AUTOGUIDES and setup.guide_name not in setup.spec.guides
-        if auto and setup.guide_name not in NUMPYRO_AUTOGUIDES:
+        if auto and autoguide_refusal(setup.guide_name):
             raise UserError(f"--backend numpyro: Pyro's automatic guide {setup.guide_name} is not carried over to "
-                            f"NumPyro's ({' and '.join(NUMPYRO_AUTOGUIDES)} are); use --backend pyro for it")
+                            f"NumPyro's: {autoguide_refusal(setup.guide_name)}; use --backend pyro for it")
         if auto and setup.cfg.batch_size is not None and setup.cfg.batch_size < len(setup.dataset.train):
             raise UserError(f"--backend numpyro runs {setup.guide_name} on the whole data set only (the twin's plates "
                             "scale a minibatch, they do not subsample); drop --batch-size or use --backend pyro")
         self.twin = load_twin(setup.mf, setup.options, setup.dataset)
         self.elbo_name = twin_elbo(self.twin, setup.cfg.elbo)  # an unsupported --elbo fails before any work
-        self.guide = (numpyro_autoguide(setup.guide_name, self.twin.model) if auto
+        self.guide = (numpyro_autoguide(setup.guide_name, self.twin.model, rank=setup.cfg.rank) if auto
                       else twin_guide(self.twin, setup.guide_name, setup.mf.path.name))
 
     def trainer(self, setup):
@@ -418,7 +569,11 @@ class NumpyroBackend:
                             local_lr=g.local_lr)
         with site_check(setup.mf.path.name, setup.guide_name):
             pyro_side.init_params()
-        trainer = NumpyroTrainer(self.twin.model, self.guide, to_jax(setup.dataset.train), pyro_side.schedule,
+        x = to_jax(setup.dataset.train)
+        if isinstance(self.guide, NumpyroAutoguide):  # before NumPyro starts from Pyro's values
+            args, kwargs = call_args(self.twin.model, x, None, int(x.shape[0]))
+            self.guide.check_layout(g.fn, *args, **kwargs)
+        trainer = NumpyroTrainer(self.twin.model, self.guide, x, pyro_side.schedule,
                                  self.elbo_name, cfg.lr, cfg.seed, pyro_params(), cfg.num_particles,
                                  local_params=tuple(set(self.twin.local_params) | set(g.local_params)),
                                  local_lr=g.local_lr, param_lr=spec.param_lr)
