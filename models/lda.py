@@ -282,14 +282,15 @@ class LDA:
         q_theta = dist.Dirichlet(gamma.double())
         theta = q_theta.rsample()                                                   # [B, K]
         g, l = gamma.detach().double(), lam.detach().double()
-        s, t, log_norm = lda.phi_stats(self._bag(x), g, l)
+        topics = lda.Topics(l)                                                      # E[log beta], once
+        s, t, log_norm = lda.phi_stats(self._bag(x), g, topics)
         # sum n phi log phi = sum t E[log theta] + sum s E[log beta] - sum n log norm (lda.phi_stats)
-        words = ((t * (theta.log() - lda.expected_log(g))).sum() + (s * (beta.log() - lda.expected_log(l))).sum()
+        words = ((t * (theta.log() - lda.expected_log(g))).sum() + (s * (beta.log() - topics.Elog)).sum()
                  + log_norm.sum())
-        topics = (dist.Dirichlet(l.new_full((self.V,), self.eta)).log_prob(beta) - q_beta.log_prob(beta)).sum()
+        globals_ = (dist.Dirichlet(l.new_full((self.V,), self.eta)).log_prob(beta) - q_beta.log_prob(beta)).sum()
         docs = (dist.Dirichlet(g.new_full((self.K,), self.alpha)).log_prob(theta) - q_theta.log_prob(theta)).sum()
         scale = 1.0 if idx is None else size / x.shape[0]
-        return -(topics + scale * (words + docs))
+        return -(globals_ + scale * (words + docs))
 
     # -- guides --------------------------------------------------------------------
     def explicit(self, x: torch.Tensor, idx: torch.Tensor | None = None, size: int | None = None):

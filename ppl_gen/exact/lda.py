@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -148,14 +149,23 @@ def initial_topics(x: torch.Tensor, K: int, generator: torch.Generator, init: st
     if init == "random":
         return noise.float().to(x.device)
     words = (x / x.sum(-1, keepdim=True).clamp(min=1)).double().cpu()
+    nonzero, sq = words.to_sparse_csr(), (words * words).sum(-1)
+
+    def distance2(i: int) -> torch.Tensor:
+        """||w_j - w_i||^2 = ||w_j||^2 + ||w_i||^2 - 2 w_j . w_i for every document j, the dot
+        products from the nonzero entries; below 1e-13 (rounding: the squared norms are at most
+        1) it is 0, as the direct sum gives for a document identical to w_i."""
+        d2 = sq + sq[i] - 2 * (nonzero @ words[i][:, None])[:, 0]
+        return torch.where(d2 > 1e-13, d2, torch.zeros_like(d2))
+
     first = int(torch.randint(len(words), (1,), generator=generator))
     picked = [first]
-    d2 = ((words - words[first]) ** 2).sum(-1)
+    d2 = distance2(first)
     for _ in range(K - 1):
         weights = d2 if d2.sum() > 0 else torch.ones_like(d2)   # fewer distinct documents than K
         i = int(torch.multinomial(weights / weights.sum(), 1, generator=generator))
         picked.append(i)
-        d2 = torch.minimum(d2, ((words - words[i]) ** 2).sum(-1))
+        d2 = torch.minimum(d2, distance2(i))
     return (noise + x[picked].double().cpu()).float().to(x.device)
 
 
@@ -289,12 +299,23 @@ class Bag:
         self.csr, self.shape = csr, tuple(csr.shape)
         self.crow, self.v, self.n = csr.crow_indices(), csr.col_indices(), csr.values()
         self.m = torch.repeat_interleave(torch.arange(self.shape[0], device=csr.device), self.crow.diff())
-        # the same entries ordered by word: the CSR pattern of the transpose [V, B]
-        self.by_word = torch.argsort(self.v, stable=True)
-        self.crow_T = torch.zeros(self.shape[1] + 1, dtype=self.crow.dtype, device=csr.device)
-        self.crow_T[1:] = torch.cumsum(torch.bincount(self.v, minlength=self.shape[1]), 0)
-        self.m_T = self.m[self.by_word]
         self._templates: dict = {}
+
+    # the same entries ordered by word: the CSR pattern of the transpose [V, B], made on first
+    # use (the topic statistics need it; an E-step for new documents does not)
+    @cached_property
+    def by_word(self) -> torch.Tensor:
+        return torch.argsort(self.v, stable=True)
+
+    @cached_property
+    def crow_T(self) -> torch.Tensor:
+        crow_T = torch.zeros(self.shape[1] + 1, dtype=self.crow.dtype, device=self.csr.device)
+        crow_T[1:] = torch.cumsum(torch.bincount(self.v, minlength=self.shape[1]), 0)
+        return crow_T
+
+    @cached_property
+    def m_T(self) -> torch.Tensor:
+        return self.m[self.by_word]
 
     @classmethod
     def of(cls, x: "torch.Tensor | Bag") -> "Bag":
@@ -327,14 +348,28 @@ class Bag:
 
 
 class Topics:
-    """What every document's update reads from q(beta) = Dir(lambda), computed once per lambda:
-    E[log beta] [K, V], exp(E[log beta]) and its transpose [V, K]."""
+    """What every document's update reads from q(beta) = Dir(lambda), computed once per lambda
+    (each part on first use): E[log beta] [K, V], exp(E[log beta]) and its transpose [V, K] (the
+    E-step's), and exp(E[log beta_kv] - b_v) with b_v = max_k E[log beta_kv] (the ELBO's, which
+    must not underflow)."""
 
     def __init__(self, lam: torch.Tensor):
         self.lam = lam
         self.Elog = expected_log(lam)
-        self.exp = torch.exp(self.Elog)
-        self.exp_T = self.exp.T.contiguous()
+
+    @cached_property
+    def exp(self) -> torch.Tensor:
+        return torch.exp(self.Elog)
+
+    @cached_property
+    def exp_T(self) -> torch.Tensor:
+        return self.exp.T.contiguous()
+
+    @cached_property
+    def shifted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exp(E[log beta] - b) [K, V], b [1, V])."""
+        b = self.Elog.max(0, keepdim=True).values
+        return torch.exp(self.Elog - b), b
 
     @classmethod
     def of(cls, lam: "torch.Tensor | Topics") -> "Topics":
@@ -350,13 +385,16 @@ def sparse_e_step(x: "torch.Tensor | Bag", lam: "torch.Tensor | Topics", alpha: 
     bag, topics = Bag.of(x), Topics.of(lam)
     B, K = bag.shape[0], topics.lam.shape[0]
     n = bag.n.to(topics.lam.dtype)
+    counts, exp_Elog_beta, exp_Elog_beta_T = bag.counts(n.dtype), topics.exp, topics.exp_T
     if gamma is None:
         gamma = n.new_ones(B, K)
     for _ in range(iters):
-        exp_Elog_theta = torch.exp(expected_log(gamma))                             # [B, K]
-        norm = bag.at_entries(exp_Elog_theta, topics.exp).clamp(min=1e-30)          # [P]
-        new = alpha + exp_Elog_theta * (bag.like(n / norm) @ topics.exp_T)
-        done = (new - gamma).abs().mean() < tol
+        # exp(E[log theta_mk]) up to a factor per document, exp(-psi(sum_k gamma_mk)), which
+        # cancels between phi's normalizer and the update (phi is normalized over k)
+        exp_Elog_theta = torch.digamma(gamma).exp_()                                # [B, K]
+        norm = torch.sparse.sampled_addmm(counts, exp_Elog_theta, exp_Elog_beta, beta=0.0).values()
+        new = (bag.like(n / norm.clamp_(min=1e-30)) @ exp_Elog_beta_T).mul_(exp_Elog_theta).add_(alpha)
+        done = bool((new - gamma).abs_().mean() < tol)
         gamma = new
         if done:
             break
@@ -377,8 +415,8 @@ def _shifted(x: "torch.Tensor | Bag", gamma: torch.Tensor, topics: "Topics"):
     value over k so that nothing underflows, their product at the entries, and log norm."""
     bag = Bag.of(x)
     Elog_theta = expected_log(gamma)
-    a, b = Elog_theta.max(-1, keepdim=True).values, topics.Elog.max(0, keepdim=True).values   # [B, 1], [1, V]
-    et, eb = torch.exp(Elog_theta - a), torch.exp(topics.Elog - b)
+    a = Elog_theta.max(-1, keepdim=True).values                                     # [B, 1]
+    (eb, b), et = topics.shifted, torch.exp(Elog_theta - a)                         # b: [1, V]
     norm = bag.at_entries(et, eb)                                                   # norm_mv / exp(a_m + b_v)
     return bag, Elog_theta, et, eb, norm, norm.log() + a[bag.m, 0] + b[0, bag.v]
 

@@ -129,6 +129,20 @@ def test_cavi_fixed_point_matches_long_svi_run_of_explicit(local_update):
     assert svi_elbo == pytest.approx(history[-1], rel=5e-3)
 
 
+def test_amortized_encoder_splits_a_document_by_its_word_frequencies():
+    """The encoder reads word frequencies, not counts: a document and the same document twice
+    over (or any multiple) get the same split of their words over topics, gamma_m - alpha, scaled
+    by the number of words N_m; as a half-document in document completion keeps its word
+    frequencies, up to sampling."""
+    _, _, ds, spec = _lda({"topics": 3, "docs": 40, "vocab": 30, "words": 20, "hidden": 8})
+    encoder = spec.buffers["encoder"].eval()
+    x = ds.train[:5]
+    with torch.no_grad():
+        once, thrice = encoder(x) - encoder.alpha, encoder(3 * x) - encoder.alpha
+    assert torch.allclose(thrice, 3 * once, rtol=1e-5)
+    assert torch.allclose(once.sum(-1), x.sum(-1), rtol=1e-5)
+
+
 def test_document_halves_and_hand_computed_perplexity():
     counts = torch.tensor([[3.0, 0.0, 2.0], [1.0, 1.0, 0.0], [0.0, 5.0, 0.0]])
     first, second = document_halves(counts, seed=0)

@@ -2,7 +2,9 @@
 (nonzero-entry) E-step, topic statistics, local ELBO and CAVI sweep against the dense ones in
 ppl_gen/exact/lda.py; the fused loss of the explicit and amortized guides against Pyro's traced
 TraceEnum_ELBO on the Pyro model and guide (value and gradients, same draws); the sparse corpus
-against the dense one on Reuters; the LDA benchmark at tiny sizes (numbers finite, no timing)."""
+against the dense one on Reuters; the starting topics' k-means++ seeding against the direct
+distance sums (the same documents picked, bit for bit); the LDA benchmark at tiny sizes
+(numbers finite, no timing)."""
 
 import json
 import math
@@ -118,6 +120,35 @@ def test_sparse_corpus_equals_dense_on_reuters():
     dense_ppl = lda.document_completion(lambda h: lda.e_step(h, lam, 0.1)[0], lam, c.test.double())
     assert lda.document_completion(infer, lam, c.test.double())["test_perplexity"] == pytest.approx(
         dense_ppl["test_perplexity"], rel=1e-6)
+
+
+def _kmeanspp_direct(x, K, generator):
+    """lda.initial_topics written directly: squared distances as sums of squared differences
+    over the whole vocabulary."""
+    noise = torch._standard_gamma(torch.full((K, x.shape[1]), 100.0, dtype=torch.float64),
+                                  generator=generator).div(100)
+    words = (x / x.sum(-1, keepdim=True).clamp(min=1)).double()
+    picked = [int(torch.randint(len(words), (1,), generator=generator))]
+    d2 = ((words - words[picked[0]]) ** 2).sum(-1)
+    for _ in range(K - 1):
+        weights = d2 if d2.sum() > 0 else torch.ones_like(d2)
+        picked.append(int(torch.multinomial(weights / weights.sum(), 1, generator=generator)))
+        d2 = torch.minimum(d2, ((words - words[picked[-1]]) ** 2).sum(-1))
+    return (noise + x[picked].double()).float()
+
+
+def test_starting_topics_pick_the_documents_of_direct_kmeanspp():
+    """initial_topics' distances from the nonzero entries (||a||^2 + ||b||^2 - 2 a.b) pick the
+    same documents as the direct sums, so the same starting topics for every seed: on Reuters,
+    on a synthetic corpus, and on one with fewer distinct documents than K (where the direct
+    distances are exactly 0 and the picks uniform)."""
+    reuters = load_reuters().train
+    synthetic, _ = sample_corpus(docs=300, vocab=80, topics=5, words=40, alpha=0.1, eta=0.05, seed=1)
+    repeated = torch.tensor([[1.0, 2.0, 0.0], [2.0, 4.0, 0.0], [0.0, 1.0, 1.0]]).repeat(4, 1)
+    for x, K, seeds in ((reuters, 20, range(4)), (synthetic, 10, range(10)), (repeated, 5, range(10))):
+        for seed in seeds:
+            got = lda.initial_topics(x, K, torch.Generator().manual_seed(seed))
+            assert torch.equal(got, _kmeanspp_direct(x, K, torch.Generator().manual_seed(seed))), (K, seed)
 
 
 def test_sparse_synthetic_corpus_is_compact_and_complete():
