@@ -19,7 +19,9 @@ What is shared with the Pyro path, so that differences are the inference engine'
   train ELBO, the model's own ``evaluate`` and ``plots`` run on the Pyro side: one code path
   for the numbers of both backends;
 * the run folder: the same files, the same ``metrics.json`` keys; ``checkpoint.pt`` holds
-  torch tensors converted from the JAX arrays (loads with ``weights_only=True``).
+  torch tensors converted from the JAX arrays (loads with ``weights_only=True``);
+* Pyro's automatic guides: NumPyro's class of the same name on the twin's model, its values
+  carried exactly into Pyro's guide of that class (``NUMPYRO_AUTOGUIDES``), which evaluates.
 
 numpyro and jax are imported here only, inside functions: without them ``--backend numpyro``
 is one ``error:`` line naming the extra to install.

@@ -502,24 +502,23 @@ def test_numpyro_values_become_the_same_pyro_guide(x64, name):
         assert params["AutoLowRankMultivariateNormal.cov_factor"].shape == (5, 2)
     nb.copy_to_pyro(ours.to_pyro(params))
 
-    numpyro_q = handlers.trace(handlers.substitute(handlers.seed(ours, jax.random.PRNGKey(0)), data=params)
-                               ).get_trace()["_auto_latent"]["fn"]
+    # NumPyro's guide at these values, its latent vector fixed to u: its distribution over the vector
+    # and the latent values it makes of u
+    u = np.random.default_rng(1).standard_normal(5)
+    theirs = handlers.trace(handlers.condition(handlers.substitute(handlers.seed(ours, jax.random.PRNGKey(0)),
+                                                                   data=params), data={"_auto_latent": u})).get_trace()
+    with torch.no_grad():
+        mine = poutine.trace(poutine.condition(pyro_guide, {f"_{name}_latent": torch.from_numpy(u)})).get_trace()
     if name == "AutoLaplaceApproximation":
         pyro_q = pyro_guide.laplace_approximation().get_posterior()
         # NumPyro's own Laplace Gaussian at the same MAP (jitted: one compiled Hessian, not hundreds of eager ops)
         numpyro_q = jax.jit(lambda loc: ours.auto.get_posterior({"auto_loc": loc}))(
             params["AutoLaplaceApproximation.loc"])
     else:
-        pyro_q = pyro_guide.get_posterior()
+        pyro_q, numpyro_q = pyro_guide.get_posterior(), theirs["_auto_latent"]["fn"]
     close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)  # noqa: E731
     close(pyro_q.mean.detach(), numpyro_q.mean)
     close(pyro_q.covariance_matrix.detach(), numpyro_q.covariance_matrix)
-
-    u = np.random.default_rng(1).standard_normal(5)
-    theirs = handlers.trace(handlers.condition(handlers.substitute(handlers.seed(ours, jax.random.PRNGKey(0)),
-                                                                   data=params), data={"_auto_latent": u})).get_trace()
-    with torch.no_grad():
-        mine = poutine.trace(poutine.condition(pyro_guide, {f"_{name}_latent": torch.from_numpy(u)})).get_trace()
     for site in ("z", "a", "p"):
         close(mine.nodes[site]["value"], theirs[site]["value"])
 
