@@ -37,3 +37,19 @@ def test_autoguide_bench_runs_at_a_tiny_size():
     assert set(r["seconds_per_step"]) == set(autoguides.PAIRS)
     assert all(math.isfinite(v) and v > 0 for v in r["ratio_to_hand_written"].values())
     assert r["ratio_to_hand_written"]["mean_field"] == 1.0 == r["ratio_to_hand_written"]["full_rank"]
+
+
+def test_zoo_bench_runs_at_a_tiny_size(tmp_path):
+    """python -m ppl_gen.bench zoo on two files, a few steps: one row per (model, guide), each with
+    finite k-hat, error against the reference and time per step, and the table written."""
+    import math
+
+    from ppl_gen.bench import zoo
+
+    r = zoo.bench(["AutoNormal"], ["funnel", "eight_schools_noncentered"], steps=20, out=tmp_path / "z", threads=1)
+    assert [(row["model"], row["guide"]) for row in r["rows"]] == [("funnel", "AutoNormal"),
+                                                                   ("eight_schools_noncentered", "AutoNormal")]
+    for row in r["rows"]:
+        assert all(math.isfinite(row[k]) for k in ("psis_khat", "max_w1_sds", "max_mean_error_sds", "ms_per_step"))
+    assert [row["reference"] for row in r["rows"]] == ["exact", "NUTS"]
+    assert "| funnel | AutoNormal |" in (tmp_path / "z" / "zoo.md").read_text()
