@@ -248,9 +248,16 @@ class LDA:
 
     def _local_gamma(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """The explicit guide's local step: each gamma_m at its optimum given the topics, by the
-        E-step from a flat start (``lda.sparse_e_step``: ``lda.e_step`` from the nonzero counts)."""
+        E-step from a flat start (``lda.sparse_e_step``: ``lda.e_step`` from the nonzero counts).
+        A function of (x, lambda) only, so the last answer is kept and given again for the same
+        batch and equal lambda (Pyro traces the guide more than once in one traced step)."""
         lam = lam.detach().as_subclass(torch.Tensor)   # plain values (render_model's provenance tensors)
-        return lda.sparse_e_step(self._bag(x), lam, self.alpha, iters=self.options.cavi_iters)[0]
+        bag, last = self._bag(x), getattr(self, "_last_gamma", None)
+        if last is not None and last[0] is bag and torch.equal(last[1], lam):
+            return last[2]
+        gamma = lda.sparse_e_step(bag, lam, self.alpha, iters=self.options.cavi_iters)[0]
+        self._last_gamma = (bag, lam.clone(), gamma)
+        return gamma
 
     def _encoded(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """The amortized guide's gamma = encoder(x), with the module in Pyro's store (as :meth:`amortized`)."""

@@ -349,27 +349,28 @@ class Bag:
 
 class Topics:
     """What every document's update reads from q(beta) = Dir(lambda), computed once per lambda
-    (each part on first use): E[log beta] [K, V], exp(E[log beta]) and its transpose [V, K] (the
-    E-step's), and exp(E[log beta_kv] - b_v) with b_v = max_k E[log beta_kv] (the ELBO's, which
-    must not underflow)."""
+    (each part on first use): E[log beta] [K, V], exp(E[log beta]) [K, V] and its transpose
+    [V, K] (the E-step's), and exp(E[log beta_kv] - b_v) with b_v = max_k E[log beta_kv] (the
+    ELBO's, which must not underflow). The exponentials are stored word-major ([V, K] in memory),
+    the [K, V] forms being views: the layout in which a sampled product reads them without a copy."""
 
     def __init__(self, lam: torch.Tensor):
         self.lam = lam
         self.Elog = expected_log(lam)
 
     @cached_property
-    def exp(self) -> torch.Tensor:
-        return torch.exp(self.Elog)
+    def exp_T(self) -> torch.Tensor:
+        return torch.exp(self.Elog).T.contiguous()
 
     @cached_property
-    def exp_T(self) -> torch.Tensor:
-        return self.exp.T.contiguous()
+    def exp(self) -> torch.Tensor:
+        return self.exp_T.T
 
     @cached_property
     def shifted(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(exp(E[log beta] - b) [K, V], b [1, V])."""
         b = self.Elog.max(0, keepdim=True).values
-        return torch.exp(self.Elog - b), b
+        return torch.exp(self.Elog - b).T.contiguous().T, b
 
     @classmethod
     def of(cls, lam: "torch.Tensor | Topics") -> "Topics":
@@ -433,7 +434,7 @@ def phi_stats(x: "torch.Tensor | Bag", gamma: torch.Tensor, lam: "torch.Tensor |
     bag, _, et, eb, norm, log_norm = _shifted(x, gamma, Topics.of(lam))
     n = bag.n.to(gamma.dtype)
     w = n / norm
-    t = et * (bag.like(w) @ eb.T.contiguous())
+    t = et * (bag.like(w) @ eb.T)
     s = eb * (bag.like_T(w) @ et).T
     return s, t, bag.rows(n * log_norm)
 
