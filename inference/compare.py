@@ -105,9 +105,13 @@ def _numpyro_guides(setup, guides_flag: str | None, mcmc: bool = False) -> list[
     nb.require_numpyro()
     spec, name = setup.spec, setup.mf.path.name
     twin = nb.load_twin(setup.mf, setup.options, setup.dataset)
-    why = {g: nb.unsupported(spec, twin, g) for g in spec.guides}
-    why = {g: reason for g, reason in why.items() if reason}
     asked = [g.strip() for g in (guides_flag or "").split(",") if g.strip()]
+    # the file's guides and the automatic ones asked for, screened alike before any training
+    from ppl_gen.core.protocol import AUTOGUIDES
+
+    screened = [*spec.guides, *(g for g in asked if g in AUTOGUIDES)]  # other names: choose_guides's error
+    why = {g: nb.unsupported(spec, twin, g) for g in dict.fromkeys(screened)}
+    why = {g: reason for g, reason in why.items() if reason}
     for g in asked:
         if g in why:
             raise UserError(f"guide {g!r} of {name} cannot run with --backend numpyro ({why[g]}); "

@@ -155,21 +155,25 @@ class GaussianNet:
 
     def evaluate(self, run) -> dict:
         mu, Sigma = self.exact()
-        m, S = run.guide.q()
         precision = torch.linalg.inv(Sigma)
+        out = {"latents": self.latents, "evidence": self.evidence,
+               "posterior": {"exact": {"mean": mu.tolist(), "cov": Sigma.tolist()}},
+               # the mean-field optimum in closed form: exact means, variances 1 / Lambda_vv
+               "mean_field_optimum_var": (1 / torch.diagonal(precision)).tolist()}
+        if getattr(run.guide, "q", None) is None:  # an automatic guide: its summary and the reference report it
+            return out
+        m, S = run.guide.q()
+        out["posterior"]["vi"] = {"mean": m.tolist(), "cov": S.tolist()}
         return {
-            "latents": self.latents,
-            "evidence": self.evidence,
-            "posterior": {"exact": {"mean": mu.tolist(), "cov": Sigma.tolist()},
-                          "vi": {"mean": m.tolist(), "cov": S.tolist()}},
-            # the mean-field optimum in closed form: exact means, variances 1 / Lambda_vv
-            "mean_field_optimum_var": (1 / torch.diagonal(precision)).tolist(),
+            **out,
             "kl_vi_to_exact": kl_gaussian(m, S, mu, Sigma).item(),
             "max_abs_mean_error": (m - mu).abs().max().item(),
             "var_ratio_vi_to_exact": (torch.diagonal(S) / torch.diagonal(Sigma)).tolist(),
         }
 
     def plots(self, run, out: Path) -> list[Path]:
+        if getattr(run.guide, "q", None) is None:
+            return []
         return [plot_pairs(self, run.guide.q(), run.guide_name, out / "posterior_pairs.png")]
 
 
