@@ -255,7 +255,7 @@ class LDA:
         bag, last = self._bag(x), getattr(self, "_last_gamma", None)
         if last is not None and last[0] is bag and torch.equal(last[1], lam):
             return last[2]
-        gamma = lda.sparse_e_step(bag, lam, self.alpha, iters=self.options.cavi_iters)[0]
+        gamma = lda.sparse_e_step(bag, lam, self.alpha, iters=self.options.cavi_iters, stats=False)[0]
         self._last_gamma = (bag, lam.clone(), gamma)
         return gamma
 
@@ -384,7 +384,8 @@ class LDA:
     def e_step(self, x: torch.Tensor) -> torch.Tensor:
         """gamma_m at its optimum given the topics, by coordinate ascent (explicit, CAVI)."""
         iters = self.options.cavi_iters
-        return self._by_chunks(lambda chunk, lam: lda.sparse_e_step(chunk, lam, self.alpha, iters=iters)[0], x)
+        return self._by_chunks(lambda chunk, lam: lda.sparse_e_step(chunk, lam, self.alpha, iters=iters,
+                                                                    stats=False)[0], x)
 
     def fit_gamma(self, x: torch.Tensor) -> torch.Tensor:
         """gamma_m by ``local_steps`` Adam steps with the topics fixed (explicit, --local-update adam)."""

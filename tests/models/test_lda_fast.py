@@ -98,6 +98,18 @@ def test_fused_loss_equals_traced_elbo_value_and_gradients(corpus, guide, batch)
             _close(a, b)
 
 
+def test_explicit_local_step_is_the_e_step_of_the_current_topics(corpus):
+    """The explicit guide's gamma (kept between calls for the same batch and equal lambda) is
+    the E-step's for the lambda it is given: again after lambda moves, and for another batch."""
+    x = corpus[0]
+    spec = _spec(x)
+    model = spec.guides["explicit"].fn.__self__
+    lam = model.lambda0 + 0.1
+    for topics, batch in ((lam, x), (lam, x), (lam * 1.5, x), (lam * 1.5, x[:7].clone())):
+        got = model._local_gamma(batch, topics)
+        assert torch.equal(got, lda.sparse_e_step(batch, topics, 0.3, iters=100, stats=False)[0])
+
+
 def test_sparse_corpus_equals_dense_on_reuters():
     """Reuters as SparseCorpus (compact CSR) gives back the dense counts, and the E-step and the
     held-out perplexity from its sparse batches equal those from the dense matrix, and the dense
