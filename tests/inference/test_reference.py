@@ -120,7 +120,7 @@ def test_eight_schools_references_agree_with_each_other_and_the_case_studies():
 
     c, nc = load("eight_schools"), load("eight_schools_noncentered")
     for var, published in (("mu", 4.4), ("tau", 3.6)):
-        mcse = math.hypot(float(az.mcse(c[var]).to_array()), float(az.mcse(nc[var]).to_array()))
+        mcse = math.hypot(float(az.mcse(c[[var]])[var]), float(az.mcse(nc[[var]])[var]))
         assert abs(float(c[var].mean()) - float(nc[var].mean())) < 4 * mcse, var
         assert abs(float(c[var].mean()) - published) < 0.3 and abs(float(nc[var].mean()) - published) < 0.3, var
     assert c["theta"].shape[-1] == 8
