@@ -330,14 +330,18 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
                     torch.cuda.empty_cache()
             rows.append(mean_and_se(runs) if seeds > 1 else runs[0])
     ref = None
-    if mcmc_opts is not None:
-        from . import mcmc
+    try:
+        if mcmc_opts is not None:
+            from . import mcmc
 
-        ref = mcmc.reference(cfg, model_file, mcmc_opts, out)
-    elif declared:
-        from . import reference
+            ref = mcmc.reference(cfg, model_file, mcmc_opts, out)
+        elif declared:
+            from . import reference
 
-        ref = reference.declared(RunSetup.build(dataclasses.replace(cfg, device="cpu"), model_file), out)
+            ref = reference.declared(RunSetup.build(dataclasses.replace(cfg, device="cpu"), model_file), out)
+    except UserError:  # the schemes' report is kept; the error line says what went wrong with the reference
+        write_report(out, rows, settings, argv, spec)
+        raise
     write_report(out, rows, settings, argv, spec, ref)
     if ref is not None:
         from . import mcmc

@@ -64,26 +64,23 @@ def test_exact_reference_measures_a_point_mass_against_the_conjugate_posterior(t
 
 
 def test_mixture_exact_draws_hold_both_modes_of_the_grid_posterior():
-    """The mixture's exact_posterior draws against an independent brute-force grid (the one of
-    tests/models/test_zoo.py): half the draws in each mirror-image mode (+-0.02), and the
+    """The mixture's exact_posterior draws against an independent brute-force posterior
+    (tests/oracles.py: numpy and scipy, a coarser 401 x 401 grid): half the draws in each mirror-image mode (+-0.02), and that
     mode's means within 0.01."""
-    mf = _load(ZOO / "mixture.py")
-    x = mf.module.data()[0].double()
-    g = torch.linspace(-4, 4, 801, dtype=torch.float64)
-    a, b = torch.meshgrid(g, g, indexing="ij")
-    prior = torch.distributions.Normal(0.0, 5.0)
-    lik = torch.logsumexp(torch.stack([torch.distributions.Normal(a[..., None], 1.0).log_prob(x),
-                                       torch.distributions.Normal(b[..., None], 1.0).log_prob(x)]), 0) - math.log(2)
-    w = torch.softmax(torch.where(a < b, prior.log_prob(a) + prior.log_prob(b) + lik.sum(-1), -math.inf).flatten(),
-                      0).reshape(a.shape)
-    torch.manual_seed(0)
+    from oracles import mixture_grid_posterior
+
     from ppl_gen.core.dataset import Dataset
 
+    mf = _load(ZOO / "mixture.py")
+    a, b, w = mixture_grid_posterior(mf.module.data()[0].numpy())
+    w = w * (a < b)
+    w /= w.sum()
+    torch.manual_seed(0)
     mu = mf.module.exact_posterior(20000, Dataset(*mf.module.data()))["mu"].double()
     low = mu[:, 0] < mu[:, 1]
     assert abs(low.double().mean().item() - 0.5) < 0.02
     for j, grid in enumerate((a, b)):
-        assert abs(mu[low, j].mean().item() - (w * grid).sum().item()) < 0.01
+        assert abs(mu[low, j].mean().item() - (w * grid).sum()) < 0.01
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -175,3 +172,17 @@ def test_funnel_k_hat_flags_the_gaussian_guide(tmp_path, cli):
     g = report["exact"]["summary"]["guides"]["AutoNormal"]
     assert report["rows"][0]["psis_khat"] > 0.7 and g["max_w1_sds"] > 0.5, (report["rows"][0]["psis_khat"], g)
     assert "k-hat warned, rightly" in (out / "compare.md").read_text()
+
+
+def test_a_failing_exact_posterior_is_one_error_line_and_keeps_the_report(tmp_path, cli):
+    f = tmp_path / "bad.py"
+    f.write_text("import pyro, pyro.distributions as dist\n"
+                 "def data():\n    return None\n"
+                 "def model():\n    pyro.sample('a', dist.Normal(0.0, 1.0))\n"
+                 "def exact_posterior(n):\n    return {'a': undefined_name}\n")
+    out = tmp_path / "cmp"
+    r = cli("inference.compare", str(f), "--guides", "AutoNormal", "--steps", "5", "--out", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: bad.py:7 (exact_posterior") and "NameError" in last, last
+    assert (out / "compare.md").is_file() and (out / "AutoNormal" / "metrics.json").is_file()
