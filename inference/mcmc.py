@@ -165,7 +165,6 @@ class Reference:
     name: str            # the table's column: "NUTS" or "exact"
     source: str          # the report's sentence on how the draws were made
     sampled: bool        # MCMC draws: their R-hat and ESS belong in the report
-    path: str            # the draws' file, as the report links it
     info: dict = dataclasses.field(default_factory=dict)   # compare.json's entry, before the comparison
     key: str = "mcmc"    # compare.json's section
 
@@ -189,7 +188,7 @@ def reference(cfg, model_file, opts: MCMCOptions, out: Path) -> Reference:
               "draws in [mcmc/posterior.nc](mcmc/posterior.nc)")
     info = {"sampler": "NUTS", "library": "pyro", "warmup": opts.warmup, "samples": opts.samples,
             "chains": opts.chains, "seconds": seconds, "divergences": divergences, "posterior": "mcmc/posterior.nc"}
-    return Reference(idata, "NUTS", source, sampled=True, path="mcmc/posterior.nc", info=info)
+    return Reference(idata, "NUTS", source, sampled=True, info=info)
 
 
 # ---------------------------------------------------------------- VI against MCMC

@@ -58,17 +58,25 @@ def exact(setup, out: Path, seed: int = 0, n: int = EXACT_DRAWS, chains: int = E
     """EXACT_DRAWS independent draws from the file's ``exact_posterior``, written to
     ``out/exact/posterior.nc``; an :class:`inference.mcmc.Reference`."""
     from ppl_gen.core.guard import model_code
-    from ppl_gen.core.posterior import to_inference_data
+    from ppl_gen.core.posterior import MAX_VALUES, to_inference_data
 
     from .mcmc import Reference
 
     spec, name = setup.spec, setup.mf.path.name
-    with torch.random.fork_rng(), torch.no_grad(), model_code(setup.mf.path, "in exact_posterior()"):
-        pyro.set_rng_seed(seed)
-        got = spec.exact_posterior(n)
-    if not isinstance(got, dict) or not got:
-        raise UserError(f"{name}'s exact_posterior(n) must return {{site: tensor of n draws}}; it returned "
-                        f"{type(got).__name__}")
+
+    def draw(k: int) -> dict:
+        with torch.random.fork_rng(), torch.no_grad(), model_code(setup.mf.path, "in exact_posterior()"):
+            pyro.set_rng_seed(seed)
+            got = spec.exact_posterior(k)
+        if not isinstance(got, dict) or not got:
+            raise UserError(f"{name}'s exact_posterior(n) must return {{site: tensor of n draws}}; it returned "
+                            f"{type(got).__name__}")
+        return got
+
+    # as many draws as fit the guides' own cap on posterior numbers (a large Markov chain's rows)
+    per_draw = sum(torch.as_tensor(v)[0].numel() for v in draw(chains).values())
+    n = max(chains, min(n, MAX_VALUES // max(per_draw, 1)) // chains * chains)
+    got = draw(n)
     dims, coords = _dims(spec, setup.dataset.train, got)
     draws = {}
     for site, value in got.items():
@@ -85,8 +93,8 @@ def exact(setup, out: Path, seed: int = 0, n: int = EXACT_DRAWS, chains: int = E
     source = (f"the exact posterior of {name} (`exact_posterior`{': ' + doc.rstrip('.') if doc else ''}), "
               f"{n} independent draws; "
               "draws in [exact/posterior.nc](exact/posterior.nc)")
-    return Reference(idata, "exact", source, sampled=False, path="exact/posterior.nc",
-                     info={"draws": n, "posterior": "exact/posterior.nc"}, key="exact")
+    return Reference(idata, "exact", source, sampled=False, info={"draws": n, "posterior": "exact/posterior.nc"},
+                     key="exact")
 
 
 def shipped(setup, out: Path):
@@ -118,7 +126,7 @@ def shipped(setup, out: Path):
     info = {"sampler": "NUTS", "library": "pyro", "shipped": str(shown), "command": attrs.get("command"),
             **{k: plain(attrs.get(k)) for k in ("warmup", "samples", "chains", "divergences", "sampled_model")},
             "seconds": None}
-    return Reference(idata, "NUTS", source, sampled=True, path=str(shown), info=info)
+    return Reference(idata, "NUTS", source, sampled=True, info=info)
 
 
 def declared(setup, out: Path):
