@@ -44,14 +44,16 @@ def test_nothing_observed_a_normalized_target_has_log_z_zero(tmp_path):
     assert abs(s["b"]["mean"] - 0.5) < 0.18 and abs(s["b"]["sd"] - math.sqrt(2)) < 0.18, s["b"]
 
 
-def test_exact_reference_measures_a_point_mass_against_the_conjugate_posterior(tmp_path, cli):
+def test_exact_reference_measures_a_point_mass_against_the_conjugate_posterior(tmp_path):
     """normal_mean.py declares its exact posterior N(mu_N, tau_N^2). The MAP guide's point mass at
     mu_N is at 1-Wasserstein distance tau_N E|Z| = sqrt(2/pi) tau_N = 0.798 reference sds from it
     (+-0.03). The Normal guide's mean error, from 1000 guide and 4000 exact draws, is its closed-form
     |m - mu_N| / tau_N (the file's own evaluate) within 0.12, about 3 Monte Carlo standard errors."""
+    from inference.compare import main
+
     out = tmp_path / "cmp"
-    r = cli("inference.compare", str(ROOT / "models" / "normal_mean.py"), "--guides", "normal,map", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert main([str(ROOT / "models" / "normal_mean.py"), "--guides", "normal,map", "--threads", "1", "--no-progress",
+                 "--out", str(out)]) == 0
     exact = json.loads((out / "compare.json").read_text())["exact"]
     g = exact["summary"]["guides"]
     assert abs(g["map"]["max_w1_sds"] - math.sqrt(2 / math.pi)) < 0.03, g["map"]
@@ -123,7 +125,7 @@ def test_eight_schools_references_agree_with_each_other_and_the_case_studies():
     assert c["theta"].shape[-1] == 8
 
 
-def test_shipped_reference_is_not_used_on_other_data(tmp_path, cli):
+def test_shipped_reference_is_not_used_on_other_data(tmp_path, capsys):
     """A file that declares the eight schools' reference but models other data gets no comparison,
     and a line that says why."""
     f = tmp_path / "other.py"
@@ -131,43 +133,48 @@ def test_shipped_reference_is_not_used_on_other_data(tmp_path, cli):
                  "import torch\nfrom models.zoo.eight_schools import model  # noqa: F401\n"
                  f"REFERENCE_POSTERIOR = {str(ZOO / 'references' / 'eight_schools.nc')!r}\n"
                  "def data():\n    return torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8])\n")
+    from inference.compare import main
+
     out = tmp_path / "cmp"
-    r = cli("inference.compare", str(f), "--guides", "AutoNormal", "--steps", "5", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "was made on other data" in r.stderr
+    assert main([str(f), "--guides", "AutoNormal", "--steps", "5", "--no-progress", "--out", str(out)]) == 0
+    assert "was made on other data" in capsys.readouterr().err
     report = json.loads((out / "compare.json").read_text())
     assert "mcmc" not in report and "VI against" not in (out / "compare.md").read_text()
 
 
-def test_reference_command_via_another_parametrization_and_its_refusals(tmp_path, cli):
+def test_reference_command_via_another_parametrization_and_its_refusals(tmp_path, capsys):
     """--via samples the non-centered file and keeps the centered file's latents (theta from its
     deterministic site); an existing file is not overwritten; --via on other data is refused."""
     import arviz as az
 
+    from inference.reference import main
+
     target = tmp_path / "ref.nc"
-    args = ("inference.reference", str(ZOO / "eight_schools.py"), "--via", str(ZOO / "eight_schools_noncentered.py"),
-            "--warmup", "20", "--samples", "20", "--chains", "2", "--no-progress", "--out", str(target))
-    r = cli(*args)
-    assert r.returncode == 0, r.stderr
+    args = [str(ZOO / "eight_schools.py"), "--via", str(ZOO / "eight_schools_noncentered.py"),
+            "--warmup", "20", "--samples", "20", "--chains", "2", "--no-progress", "--out", str(target)]
+    assert main(args) == 0
     post = az.from_netcdf(str(target)).posterior
     assert set(post.data_vars) == {"mu", "tau", "theta"} and post["theta"].shape == (2, 20, 8)
     assert post.attrs["sampled_model"] == "eight_schools_noncentered.py"
     before = target.read_bytes()
-    r = cli(*args)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "--overwrite" in r.stderr
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error:") and "--overwrite" in err
     assert target.read_bytes() == before
-    r = cli("inference.reference", str(ZOO / "eight_schools.py"), "--via", str(ZOO / "mixture.py"),
-            "--out", str(tmp_path / "x.nc"))
-    assert r.returncode == 2 and "its data differ" in r.stderr and "Traceback" not in r.stderr
+    assert main([str(ZOO / "eight_schools.py"), "--via", str(ZOO / "mixture.py"), "--out", str(tmp_path / "x.nc")]) == 2
+    err = capsys.readouterr().err
+    assert "its data differ" in err and "Traceback" not in err
 
 
-def test_funnel_k_hat_flags_the_gaussian_guide(tmp_path, cli):
+def test_funnel_k_hat_flags_the_gaussian_guide(tmp_path):
     """Neal's funnel, nothing observed, against its exact (ancestral) draws: AutoNormal's worst
     marginal is more than 0.5 reference sds off and k-hat is above 0.7, so it warned rightly."""
+    from inference.compare import main
+
     out = tmp_path / "cmp"
-    r = cli("inference.compare", str(ZOO / "funnel.py"), "--guides", "AutoNormal", "--steps", "1000",
-            "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert main([str(ZOO / "funnel.py"), "--guides", "AutoNormal", "--steps", "1000", "--threads", "1",
+                 "--no-progress", "--out", str(out)]) == 0
     report = json.loads((out / "compare.json").read_text())
     g = report["exact"]["summary"]["guides"]["AutoNormal"]
     assert report["rows"][0]["psis_khat"] > 0.7 and g["max_w1_sds"] > 0.5, (report["rows"][0]["psis_khat"], g)
