@@ -94,14 +94,28 @@ class NoData(Rows):
         return (), {}
 
 
+def is_row_store(x) -> bool:
+    """Whether ``x`` is a row store: data points held in another form than the tensor the model
+    takes (sparse counts too large to hold dense). It has ``len``, ``shape``, ``device``,
+    ``to(device)`` and ``pin_memory()`` as a tensor has; ``x[idx]`` (row numbers or a slice) gives
+    those rows as the tensor the model takes, and ``tensors()`` what it holds, which the runner
+    checks and fingerprints."""
+    return not isinstance(x, (torch.Tensor, Rows)) and callable(getattr(x, "tensors", None))
+
+
 def whole(x) -> tuple[tuple, dict]:
-    """(args, kwargs) that pass the data set ``x`` whole to a model: ``(x,)``, or a Rows' parts."""
-    return x.call() if isinstance(x, Rows) else ((x,), {})
+    """(args, kwargs) that pass the data set ``x`` whole to a model: ``(x,)``, a Rows' parts, or
+    every row of a row store."""
+    if isinstance(x, Rows):
+        return x.call()
+    return ((x[:] if is_row_store(x) else x,), {})
 
 
 def parts(x) -> tuple:
-    """The tensors of ``x``: itself, or a Rows' parts."""
-    return x.parts if isinstance(x, Rows) else (x,)
+    """The tensors of ``x``: itself, a Rows' parts, or what a row store holds."""
+    if isinstance(x, Rows):
+        return x.parts
+    return tuple(x.tensors()) if is_row_store(x) else (x,)
 
 
 @dataclass
@@ -109,7 +123,7 @@ class Dataset:
     """What a model file's ``data()`` returns, normalized.
 
     ``train`` and ``test`` are tensors whose first dimension indexes data points, or
-    :class:`Rows` of several such tensors (``test`` may be None). ``labels_*`` are optional and
+    :class:`Rows` of several such tensors, or row stores (:func:`is_row_store`; ``test`` may be None). ``labels_*`` are optional and
     only used for plots.
     """
 

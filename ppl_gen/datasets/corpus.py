@@ -252,6 +252,76 @@ class SparseCorpus:
     def dense(self) -> torch.Tensor:
         return self.rows(0, len(self)).to_dense()
 
+    # -- the rows as the runner takes them (ppl_gen.core.dataset: a row store) --------------
+    # ``x[idx]`` gives the documents idx as a dense float32 [B, V] count matrix, what the model
+    # and guides take (a minibatch, an evaluation chunk); the corpus itself stays compact.
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size([len(self), self.vocab_size])
+
+    @property
+    def device(self) -> torch.device:
+        return self.crow.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What the corpus holds (the runner checks and fingerprints these)."""
+        return self.crow, self.cols, self.counts
+
+    def _entries(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows idx: for each of their nonzero entries, its position in cols/counts and its row in idx."""
+        start, length = self.crow[idx], self.crow[idx + 1] - self.crow[idx]
+        row = torch.repeat_interleave(torch.arange(len(idx), device=self.device), length)
+        first = torch.cumsum(length, 0) - length                       # where each row's entries begin
+        at = start[row] + torch.arange(len(row), device=self.device) - first[row]
+        return at, row
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        """Documents idx (a slice, or row numbers) as a dense float32 count matrix [B, V]."""
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(len(self))
+            if step == 1:
+                return self.rows(start, max(start, stop)).to_dense()
+            idx = torch.arange(start, stop, step)
+        idx = torch.as_tensor(idx, device=self.device).long().reshape(-1)
+        at, row = self._entries(idx)
+        out = torch.zeros(len(idx), self.vocab_size, device=self.device)
+        out[row, self.cols[at].long()] = self.counts[at].float()
+        return out
+
+    def select(self, idx: torch.Tensor) -> "SparseCorpus":
+        """The documents idx (row numbers, or a boolean mask), in that order, as a SparseCorpus."""
+        idx = torch.as_tensor(idx, device=self.device)
+        idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.long().reshape(-1)
+        at, _ = self._entries(idx)
+        crow = torch.zeros(len(idx) + 1, dtype=torch.int64, device=self.device)
+        crow[1:] = torch.cumsum(self.crow[idx + 1] - self.crow[idx], 0)
+        return SparseCorpus(crow, self.cols[at], self.counts[at], self.vocab_size, self.true_topics)
+
+    def sum(self, dim: int | None = None) -> torch.Tensor:
+        """The tokens of the corpus (a 0-d float64 tensor: exact beyond float32's 2^24), or with
+        ``dim=-1`` (or 1) those of each document, N_m [D]."""
+        if dim is None:
+            return self.counts.sum(dtype=torch.int64).double()
+        if dim not in (-1, 1):
+            raise ValueError(f"SparseCorpus.sum: dim must be None, 1 or -1, got {dim}")
+        row = torch.repeat_interleave(torch.arange(len(self), device=self.device), self.crow.diff())
+        return torch.zeros(len(self), device=self.device).index_add_(0, row, self.counts.float())
+
+    def _map(self, fn) -> "SparseCorpus":
+        return SparseCorpus(fn(self.crow), fn(self.cols), fn(self.counts), self.vocab_size, self.true_topics)
+
+    def to(self, device=None, non_blocking: bool = False, **_) -> "SparseCorpus":
+        if device is None or torch.device(device) == self.device:
+            return self
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "SparseCorpus":
+        return self._map(lambda t: t.pin_memory())
+
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int16) if t.numel() == 0 or int(t.max()) < 2 ** 15 else t.to(torch.int32)
@@ -284,3 +354,61 @@ def sample_sparse_corpus(docs: int, vocab: int, topics: int, words: int, alpha: 
         cols.append((pairs % vocab).to(torch.int16 if vocab < 2 ** 15 else torch.int32))
         counts.append(n.to(torch.int16 if words < 2 ** 15 else torch.int32))
     return SparseCorpus(torch.cat(crows), torch.cat(cols), torch.cat(counts), vocab, beta.float())
+
+
+def split_sparse(corpus: SparseCorpus, test_fraction: float, seed: int) -> tuple[SparseCorpus, SparseCorpus]:
+    """Documents into train and held-out sets by the permutation :func:`split` uses."""
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(corpus)))
+    n_test = int(round(test_fraction * len(corpus)))
+    return corpus.select(perm[n_test:]), corpus.select(perm[:n_test])
+
+
+def as_sparse(c: Corpus) -> Corpus:
+    """The same corpus with its counts held as SparseCorpus (compact CSR) instead of dense."""
+    test = None if c.test is None else SparseCorpus.from_dense(c.test)
+    return Corpus(SparseCorpus.from_dense(c.train), test, c.vocab, c.name, c.true_topics, dict(c.meta))
+
+
+def load_sparse_synthetic(docs: int, vocab: int, topics: int, words: int, alpha: float, eta: float,
+                          test_fraction: float = 0.2, seed: int = 0) -> Corpus:
+    """A synthetic corpus drawn straight into sparse form (:func:`sample_sparse_corpus`, never a
+    dense [docs, vocab] matrix), split as :func:`split` splits; other draws than :func:`load_synthetic`."""
+    whole = sample_sparse_corpus(docs, vocab, topics, words, alpha, eta, seed)
+    train, test = split_sparse(whole, test_fraction, seed)
+    del whole
+    return Corpus(train, test, [f"w{v}" for v in range(vocab)], "synthetic", true_topics=train.true_topics)
+
+
+def sparse_document_halves(counts: SparseCorpus, seed: int = 0, chunk: int = 65_536) -> tuple[SparseCorpus, SparseCorpus]:
+    """:func:`document_halves` of a SparseCorpus, from its nonzero entries: the same tokens in the
+    same order (document by document, words in increasing order), the same random numbers, so the
+    same halves; ``chunk`` documents at a time, so no array has one entry per token of the corpus
+    except the random numbers."""
+    n = counts.counts.long().cpu()
+    crow = counts.crow.cpu()
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(int(n.sum()), generator=g, dtype=torch.float64)
+    tokens_before = torch.zeros(len(n) + 1, dtype=torch.int64)
+    tokens_before[1:] = torch.cumsum(n, 0)                    # tokens before entry e
+    first = torch.zeros(len(n), dtype=torch.int64)            # first-half tokens of each entry
+    for a in range(0, len(counts), chunk):
+        b = min(a + chunk, len(counts))
+        e0, e1 = int(crow[a]), int(crow[b])
+        entry = torch.repeat_interleave(torch.arange(e0, e1), n[e0:e1])          # the chunk's tokens
+        per_doc = tokens_before[crow[a + 1:b + 1]] - tokens_before[crow[a:b]]    # N_m
+        doc = torch.repeat_interleave(torch.arange(a, b), per_doc)
+        # the global document number, as document_halves adds it: the same keys, the same order
+        order = torch.argsort(doc.double() + u[int(tokens_before[e0]):int(tokens_before[e1])])
+        start = torch.cumsum(per_doc, 0) - per_doc
+        pos = torch.arange(len(doc)) - start[doc - a]
+        kept = entry[order][pos < per_doc[doc - a] // 2]
+        first[e0:e1] += torch.bincount(kept - e0, minlength=e1 - e0)
+
+    def part(values: torch.Tensor) -> SparseCorpus:
+        keep = values > 0
+        row = torch.repeat_interleave(torch.arange(len(counts)), crow.diff())
+        new_crow = torch.zeros(len(counts) + 1, dtype=torch.int64)
+        new_crow[1:] = torch.cumsum(torch.bincount(row[keep], minlength=len(counts)), 0)
+        return SparseCorpus(new_crow, counts.cols.cpu()[keep], values[keep].to(counts.counts.dtype),
+                            counts.vocab_size).to(counts.device)
+    return part(first), part(n - first)

@@ -148,17 +148,28 @@ def initial_topics(x: torch.Tensor, K: int, generator: torch.Generator, init: st
                                   generator=generator).div(100)
     if init == "random":
         return noise.float().to(x.device)
-    words = (x / x.sum(-1, keepdim=True).clamp(min=1)).double().cpu()
-    nonzero, sq = words.to_sparse_csr(), (words * words).sum(-1)
+    if _is_sparse_corpus(x):   # counts too large to hold dense: the same sums, chunk by chunk
+        def chunks():
+            for a in range(0, len(x), KMEANS_CHUNK):
+                yield _frequencies(x.rows(a, min(a + KMEANS_CHUNK, len(x))).cpu())
+
+        sq = torch.cat([_row_sums(w, w.values() ** 2) for w in chunks()])
+        row_of = lambda i: _frequencies(x.rows(i, i + 1).cpu()).to_dense()[0]        # noqa: E731
+        products = lambda w: torch.cat([(c @ w[:, None])[:, 0] for c in chunks()])    # noqa: E731
+    else:
+        words = (x / x.sum(-1, keepdim=True).clamp(min=1)).double().cpu()
+        nonzero, sq = words.to_sparse_csr(), (words * words).sum(-1)
+        row_of = lambda i: words[i]                                   # noqa: E731
+        products = lambda w: (nonzero @ w[:, None])[:, 0]             # noqa: E731
 
     def distance2(i: int) -> torch.Tensor:
         """||w_j - w_i||^2 = ||w_j||^2 + ||w_i||^2 - 2 w_j . w_i for every document j, the dot
         products from the nonzero entries; below 1e-13 (rounding: the squared norms are at most
         1) it is 0, as the direct sum gives for a document identical to w_i."""
-        d2 = sq + sq[i] - 2 * (nonzero @ words[i][:, None])[:, 0]
+        d2 = sq + sq[i] - 2 * products(row_of(i))
         return torch.where(d2 > 1e-13, d2, torch.zeros_like(d2))
 
-    first = int(torch.randint(len(words), (1,), generator=generator))
+    first = int(torch.randint(len(x), (1,), generator=generator))
     picked = [first]
     d2 = distance2(first)
     for _ in range(K - 1):
@@ -166,7 +177,31 @@ def initial_topics(x: torch.Tensor, K: int, generator: torch.Generator, init: st
         i = int(torch.multinomial(weights / weights.sum(), 1, generator=generator))
         picked.append(i)
         d2 = torch.minimum(d2, distance2(i))
-    return (noise + x[picked].double().cpu()).float().to(x.device)
+    return (noise + x[torch.tensor(picked)].double().cpu()).float().to(x.device)
+
+
+# documents per chunk of the starting topics' k-means++ over a SparseCorpus
+KMEANS_CHUNK = 65_536
+
+
+def _is_sparse_corpus(x) -> bool:
+    from ppl_gen.datasets.corpus import SparseCorpus
+
+    return isinstance(x, SparseCorpus)
+
+
+def _row_sums(csr: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row of a CSR tensor, the sum of ``values`` (one per nonzero entry)."""
+    row = torch.repeat_interleave(torch.arange(csr.shape[0], device=values.device), csr.crow_indices().diff())
+    return values.new_zeros(csr.shape[0]).index_add_(0, row, values)
+
+
+def _frequencies(csr: torch.Tensor) -> torch.Tensor:
+    """Rows of a float32 CSR count matrix divided by their sums, as the dense path divides
+    (float32, then float64), so both give the same numbers."""
+    crow, v, n = csr.crow_indices(), csr.col_indices(), csr.values()
+    f = (n / _row_sums(csr, n).clamp(min=1).repeat_interleave(crow.diff())).double()
+    return torch.sparse_csr_tensor(crow, v, f, csr.shape, check_invariants=False)
 
 
 def fit_gamma(x: torch.Tensor, lam: torch.Tensor, alpha: float, steps: int = 200, lr: float = 0.1) -> torch.Tensor:
@@ -203,11 +238,16 @@ def document_completion(infer_theta: Callable[[torch.Tensor], torch.Tensor], top
     ``transform``) sees the first half and returns each document's topic proportions
     theta [B, K]; the second half is scored under ``topics`` [K, V] (posterior means).
     The one function every scheme and library is scored by."""
-    from ppl_gen.datasets.corpus import document_halves
+    from ppl_gen.datasets.corpus import document_halves, sparse_document_halves
 
-    observed, scored = document_halves(heldout, seed)
-    keep = (observed.sum(-1) > 0) & (scored.sum(-1) > 0)
-    observed, scored = observed[keep], scored[keep]
+    if _is_sparse_corpus(heldout):   # the same halves from the nonzero entries, kept sparse
+        observed, scored = sparse_document_halves(heldout, seed)
+        keep = (observed.sum(-1) > 0) & (scored.sum(-1) > 0)
+        observed, scored = observed.select(keep), scored.select(keep)
+    else:
+        observed, scored = document_halves(heldout, seed)
+        keep = (observed.sum(-1) > 0) & (scored.sum(-1) > 0)
+        observed, scored = observed[keep], scored[keep]
     theta = infer_theta(observed).to(topics)
     theta = theta / theta.sum(-1, keepdim=True)
     return {"test_perplexity": perplexity(theta, topics / topics.sum(-1, keepdim=True), scored),
@@ -224,20 +264,49 @@ def npmi(topics: torch.Tensor, counts: torch.Tensor, n: int = 10) -> torch.Tenso
 
         NPMI(w_i, w_j) = log(P(w_i, w_j) / (P(w_i) P(w_j))) / -log P(w_i, w_j)
 
-    (-1 for a pair that never co-occurs), averaged over the n(n-1)/2 pairs. Shape [K]."""
+    (-1 for a pair that never co-occurs), averaged over the n(n-1)/2 pairs. Shape [K].
+    ``counts``: a dense matrix or a SparseCorpus (its co-occurrences from the nonzero entries)."""
+    if _is_sparse_corpus(counts):
+        return _sparse_npmi(topics, counts, n)
     present = (counts > 0).to(torch.float64)
     D = present.shape[0]
     out = []
     for words in top_words(topics, n):
         d = present[:, words]                                           # [D, n]
         p_joint = (d.T @ d) / D
-        p = p_joint.diagonal()
-        i, j = torch.triu_indices(len(words), len(words), 1)
-        pij, pi, pj = p_joint[i, j], p[i], p[j]
-        score = torch.where(pij > 0, torch.log(pij / (pi * pj)) / -torch.log(pij.clamp(max=1 - 1e-12)),
-                            torch.full_like(pij, -1.0))
-        out.append(score.mean())
+        out.append(_npmi_of(p_joint))
     return torch.stack(out)
+
+
+def _npmi_of(p_joint: torch.Tensor) -> torch.Tensor:
+    """Mean NPMI over the pairs of n words, from their joint document frequencies [n, n]."""
+    p = p_joint.diagonal()
+    i, j = torch.triu_indices(len(p), len(p), 1)
+    pij, pi, pj = p_joint[i, j], p[i], p[j]
+    score = torch.where(pij > 0, torch.log(pij / (pi * pj)) / -torch.log(pij.clamp(max=1 - 1e-12)),
+                        torch.full_like(pij, -1.0))
+    return score.mean()
+
+
+def _sparse_npmi(topics: torch.Tensor, counts, n: int, chunk: int = 65_536) -> torch.Tensor:
+    """:func:`npmi` from a SparseCorpus: which documents hold each of the U distinct top words
+    (a [D, U] indicator, built chunk by chunk from the nonzero entries), their co-occurrence
+    counts C = P^T P (whole numbers, exact), and each topic's n x n block of C / D."""
+    top = top_words(topics, n).cpu()
+    union = torch.unique(top)
+    where = torch.full((counts.vocab_size,), -1, dtype=torch.int64)
+    where[union] = torch.arange(len(union))
+    crow, cols = counts.crow.cpu(), counts.cols.cpu()
+    C = torch.zeros(len(union), len(union), dtype=torch.float64)
+    for a in range(0, len(counts), chunk):
+        b = min(a + chunk, len(counts))
+        e0, e1 = int(crow[a]), int(crow[b])
+        u = where[cols[e0:e1].long()]
+        doc = torch.repeat_interleave(torch.arange(b - a), crow[a + 1:b + 1] - crow[a:b])
+        present = torch.zeros(b - a, len(union), dtype=torch.float64)
+        present[doc[u >= 0], u[u >= 0]] = 1.0
+        C += present.T @ present
+    return torch.stack([_npmi_of(C[where[w]][:, where[w]] / len(counts)) for w in top])
 
 
 def topic_tv(estimated: torch.Tensor, true: torch.Tensor) -> tuple[float, list[int]]:
@@ -319,9 +388,11 @@ class Bag:
 
     @classmethod
     def of(cls, x: "torch.Tensor | Bag") -> "Bag":
-        """A Bag of a dense count matrix, of a sparse CSR tensor, or the Bag itself."""
+        """A Bag of a dense count matrix, of a sparse CSR tensor or a SparseCorpus, or the Bag itself."""
         if isinstance(x, Bag):
             return x
+        if _is_sparse_corpus(x):
+            return cls(x.rows(0, len(x)))
         return cls(x if x.layout == torch.sparse_csr else x.to_sparse_csr())
 
     def like(self, values: torch.Tensor) -> torch.Tensor:
