@@ -338,6 +338,8 @@ def run_compare(cfg: svi.RunConfig, model_file, guides_flag: str | None, argv: l
         elif declared:
             from . import reference
 
+            # a fresh set-up on the CPU: the first one was let go before training, so that its copy
+            # of the data did not sit in device memory beside the runs'
             ref = reference.declared(RunSetup.build(dataclasses.replace(cfg, device="cpu"), model_file), out)
     except UserError:  # the schemes' report is kept; the error line says what went wrong with the reference
         write_report(out, rows, settings, argv, spec)

@@ -37,6 +37,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "compare-lda-synthetic": ("compare", ["models/lda.py", "--data", "synthetic", "--docs", "400", "--vocab", "100",
                                           "--topics", "5", "--words", "50", "--steps", "300", "--batch-size", "80",
                                           "--threads", "1"]),
+    "compare-funnel": ("compare", ["models/zoo/funnel.py", "--guides", "AutoNormal,AutoIAFNormal"]),
     "vae": ("svi", ["models/vae.py"]),
     "vae-2d": ("svi", ["models/vae.py", "--latent-dim", "2", "--steps", "5000"]),
     "compare-vae-2d": ("compare", ["models/vae.py", "--latent-dim", "2", "--steps", "3000", "--threads", "1"]),
